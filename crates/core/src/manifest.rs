@@ -1,0 +1,639 @@
+//! `nimbus.toml`: parsing and validation into a [`FunctionConfig`].
+//!
+//! Every error names the file, the field and what is allowed, because the manifest is
+//! the one place users type by hand.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::parse_duration;
+use crate::routes::validate_route_path;
+
+pub const MANIFEST_FILE: &str = "nimbus.toml";
+pub const MEMORY_MIN_MB: u32 = 64;
+pub const MEMORY_MAX_MB: u32 = 10_240;
+pub const DEFAULT_MEMORY_MB: u32 = 128;
+pub const TIMEOUT_MIN_MS: u64 = 1_000;
+pub const TIMEOUT_MAX_MS: u64 = 15 * 60 * 1_000;
+pub const DEFAULT_TIMEOUT_MS: u64 = 3_000;
+pub const MAX_ENV_BYTES: usize = 4 * 1024;
+pub const MAX_INSTANCES_LIMIT: u32 = 1_000;
+
+/// A manifest problem: which file, which field, what is wrong and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    pub file: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: field `{}`: {}", self.file, self.field, self.message)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Python3,
+    Node,
+    Exec,
+    Wasm,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Python3 => "python3",
+            Runtime::Node => "node",
+            Runtime::Exec => "exec",
+            Runtime::Wasm => "wasm",
+        }
+    }
+
+    /// Accepts our names and Lambda's runtime identifiers (`python3.12`, `nodejs20.x`),
+    /// so an existing Lambda definition ports without renaming.
+    pub fn parse(name: &str) -> Option<Runtime> {
+        match name {
+            "python3" | "python" => Some(Runtime::Python3),
+            "node" | "nodejs" => Some(Runtime::Node),
+            "exec" => Some(Runtime::Exec),
+            "wasm" => Some(Runtime::Wasm),
+            n if n.starts_with("python3.") && n[8..].chars().all(|c| c.is_ascii_digit()) => {
+                Some(Runtime::Python3)
+            }
+            n if n.starts_with("nodejs") && n.ends_with(".x") => Some(Runtime::Node),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    #[default]
+    None,
+    Egress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthKind {
+    #[default]
+    None,
+    ApiKey,
+    Jwt,
+    Mtls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Concurrency {
+    pub max_instances: u32,
+    pub min_instances: u32,
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency {
+            max_instances: 10,
+            min_instances: 0,
+            idle_timeout_ms: 5 * 60 * 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// Upper-case method, or `ANY`.
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub auth: AuthKind,
+}
+
+impl RouteSpec {
+    /// `GET /hello/{name}`: API Gateway's route key.
+    pub fn route_key(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+/// A validated function definition; what a version stores and a worker runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionConfig {
+    pub name: String,
+    pub runtime: Runtime,
+    /// The runtime as the user wrote it (`python3.12`), for the operator's interpreter map.
+    pub runtime_name: String,
+    pub handler: String,
+    pub memory_mb: u32,
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub description: String,
+    pub concurrency: Concurrency,
+    pub network: Network,
+    pub env: BTreeMap<String, String>,
+    pub routes: Vec<RouteSpec>,
+    /// Kept verbatim until the scheduler and broker own their schemas.
+    #[serde(default)]
+    pub cron: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub events: Vec<serde_json::Value>,
+}
+
+impl FunctionConfig {
+    /// The file the handler lives in, relative to the function folder, for the checks at
+    /// deploy that the handler exists.
+    pub fn handler_candidates(&self) -> Vec<String> {
+        match self.runtime {
+            Runtime::Python3 => {
+                let module = self.handler.rsplit_once('.').map_or("", |(m, _)| m);
+                let base = module.replace('.', "/");
+                vec![format!("{base}.py"), format!("{base}/__init__.py")]
+            }
+            Runtime::Node => {
+                let file = self.handler.rsplit_once('.').map_or("", |(f, _)| f);
+                ["js", "mjs", "cjs"]
+                    .iter()
+                    .map(|ext| format!("{file}.{ext}"))
+                    .collect()
+            }
+            Runtime::Exec | Runtime::Wasm => vec![self.handler.clone()],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    name: Option<String>,
+    runtime: Option<String>,
+    handler: Option<String>,
+    memory_mb: Option<i64>,
+    timeout: Option<toml::Value>,
+    description: Option<String>,
+    concurrency: Option<RawConcurrency>,
+    network: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    http: Vec<RawRoute>,
+    #[serde(default)]
+    cron: Vec<toml::Value>,
+    #[serde(default)]
+    events: Vec<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConcurrency {
+    max_instances: Option<i64>,
+    min_instances: Option<i64>,
+    idle_timeout: Option<toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    method: Option<String>,
+    path: Option<String>,
+    auth: Option<String>,
+}
+
+const METHODS: &[&str] = &[
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "ANY",
+];
+
+/// Env names Lambda reserves for the platform; a manifest may not override them.
+const RESERVED_ENV: &[&str] = &[
+    "_HANDLER",
+    "_X_AMZN_TRACE_ID",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_INITIALIZATION_TYPE",
+    "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME",
+    "AWS_LAMBDA_RUNTIME_API",
+    "LAMBDA_TASK_ROOT",
+    "LAMBDA_RUNTIME_DIR",
+];
+
+/// Function names appear in URLs and file names: keep them boring.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok_len = !name.is_empty() && name.len() <= 64;
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok_len && first_ok && rest_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid name: use 1-64 characters of a-z, 0-9, `-` and `_`, starting with a letter or digit"
+        ))
+    }
+}
+
+/// Parses and validates a manifest. `file` is only used to name the source in errors.
+pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, ManifestError> {
+    let err = |field: &str, message: String| ManifestError {
+        file: file.to_string(),
+        field: field.to_string(),
+        message,
+    };
+    let raw: RawManifest = toml::from_str(text).map_err(|e| {
+        // toml's message spans several lines with a caret; users want one line.
+        let msg = e.message().to_string();
+        let at = e
+            .span()
+            .map(|s| {
+                let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        err("", format!("invalid TOML: {msg}{at}"))
+    })?;
+
+    let name = raw
+        .name
+        .ok_or_else(|| err("name", "is required".into()))?;
+    validate_name(&name).map_err(|m| err("name", m))?;
+
+    let runtime_name = raw
+        .runtime
+        .ok_or_else(|| err("runtime", "is required (python3, node, exec or wasm)".into()))?;
+    let runtime = Runtime::parse(&runtime_name).ok_or_else(|| {
+        err(
+            "runtime",
+            format!("unknown runtime `{runtime_name}`; allowed: python3, node, exec, wasm"),
+        )
+    })?;
+
+    if runtime == Runtime::Wasm {
+        return Err(err(
+            "runtime",
+            "`wasm` functions are not available yet in this build; allowed: python3, node, exec"
+                .into(),
+        ));
+    }
+
+    let handler = raw
+        .handler
+        .ok_or_else(|| err("handler", "is required".into()))?;
+    validate_handler(runtime, &handler).map_err(|m| err("handler", m))?;
+
+    let memory_mb = match raw.memory_mb {
+        None => DEFAULT_MEMORY_MB,
+        Some(m) if (MEMORY_MIN_MB as i64..=MEMORY_MAX_MB as i64).contains(&m) => m as u32,
+        Some(m) => {
+            return Err(err(
+                "memory_mb",
+                format!("{m} is outside the allowed range {MEMORY_MIN_MB}..{MEMORY_MAX_MB} (MB)"),
+            ));
+        }
+    };
+
+    let timeout_ms = match &raw.timeout {
+        None => DEFAULT_TIMEOUT_MS,
+        Some(v) => {
+            let ms = duration_value_ms(v).map_err(|m| err("timeout", m))?;
+            if !(TIMEOUT_MIN_MS..=TIMEOUT_MAX_MS).contains(&ms) {
+                return Err(err(
+                    "timeout",
+                    format!(
+                        "{} is outside the allowed range 1s..15m",
+                        crate::duration::format_ms(ms)
+                    ),
+                ));
+            }
+            ms
+        }
+    };
+
+    let mut concurrency = Concurrency::default();
+    if let Some(c) = raw.concurrency {
+        if let Some(max) = c.max_instances {
+            if !(1..=MAX_INSTANCES_LIMIT as i64).contains(&max) {
+                return Err(err(
+                    "concurrency.max_instances",
+                    format!("{max} is outside the allowed range 1..{MAX_INSTANCES_LIMIT}"),
+                ));
+            }
+            concurrency.max_instances = max as u32;
+        }
+        if let Some(min) = c.min_instances {
+            if min < 0 || min > concurrency.max_instances as i64 {
+                return Err(err(
+                    "concurrency.min_instances",
+                    format!(
+                        "{min} must be between 0 and max_instances ({})",
+                        concurrency.max_instances
+                    ),
+                ));
+            }
+            concurrency.min_instances = min as u32;
+        }
+        if let Some(v) = c.idle_timeout {
+            let ms = duration_value_ms(&v).map_err(|m| err("concurrency.idle_timeout", m))?;
+            if !(1_000..=24 * 3_600_000).contains(&ms) {
+                return Err(err(
+                    "concurrency.idle_timeout",
+                    "must be between 1s and 24h".into(),
+                ));
+            }
+            concurrency.idle_timeout_ms = ms;
+        }
+    }
+
+    let network = match raw.network.as_deref() {
+        None | Some("none") => Network::None,
+        Some("egress") => Network::Egress,
+        Some(other) => {
+            return Err(err(
+                "network",
+                format!("unknown value `{other}`; allowed: none, egress"),
+            ));
+        }
+    };
+
+    let mut env = BTreeMap::new();
+    let mut env_bytes = 0;
+    for (k, v) in raw.env {
+        let field = format!("env.{k}");
+        if k.is_empty()
+            || k.starts_with(|c: char| c.is_ascii_digit())
+            || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(err(
+                &field,
+                "names may only hold A-Z, a-z, 0-9 and `_`, and not start with a digit".into(),
+            ));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            return Err(err(&field, "is reserved for the platform".into()));
+        }
+        let value = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => return Err(err(&field, "must be a string, number or boolean".into())),
+        };
+        env_bytes += k.len() + value.len();
+        env.insert(k, value);
+    }
+    if env_bytes > MAX_ENV_BYTES {
+        return Err(err(
+            "env",
+            format!("variables take {env_bytes} bytes; at most {MAX_ENV_BYTES} are allowed"),
+        ));
+    }
+
+    let mut routes: Vec<RouteSpec> = Vec::new();
+    for (i, r) in raw.http.into_iter().enumerate() {
+        let field = |f: &str| format!("http[{i}].{f}");
+        let method = r
+            .method
+            .unwrap_or_else(|| "ANY".into())
+            .to_ascii_uppercase();
+        if !METHODS.contains(&method.as_str()) {
+            return Err(err(
+                &field("method"),
+                format!("unknown method `{method}`; allowed: {}", METHODS.join(", ")),
+            ));
+        }
+        let path = r
+            .path
+            .ok_or_else(|| err(&field("path"), "is required".into()))?;
+        validate_route_path(&path).map_err(|m| err(&field("path"), m))?;
+        let auth = match r.auth.as_deref() {
+            None | Some("none") => AuthKind::None,
+            Some("api_key") => AuthKind::ApiKey,
+            Some("jwt") => AuthKind::Jwt,
+            Some("mtls") => AuthKind::Mtls,
+            Some(other) => {
+                return Err(err(
+                    &field("auth"),
+                    format!("unknown value `{other}`; allowed: none, api_key, jwt, mtls"),
+                ));
+            }
+        };
+        if auth != AuthKind::None {
+            return Err(err(
+                &field("auth"),
+                format!(
+                    "`{}` routes are not available yet in this build; use auth = \"none\"",
+                    serde_json::to_value(auth)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        let spec = RouteSpec { method, path, auth };
+        if let Some(prev) = routes
+            .iter()
+            .find(|p| p.method == spec.method && crate::routes::same_shape(&p.path, &spec.path))
+        {
+            return Err(err(
+                &field("path"),
+                format!(
+                    "duplicate route `{}`: it overlaps `{}`",
+                    spec.route_key(),
+                    prev.route_key()
+                ),
+            ));
+        }
+        routes.push(spec);
+    }
+
+    let to_json = |field: &str, v: Vec<toml::Value>| -> Result<Vec<serde_json::Value>, ManifestError> {
+        v.into_iter()
+            .map(|t| serde_json::to_value(t).map_err(|e| err(field, e.to_string())))
+            .collect()
+    };
+
+    Ok(FunctionConfig {
+        name,
+        runtime,
+        runtime_name,
+        handler,
+        memory_mb,
+        timeout_ms,
+        description: raw.description.unwrap_or_default(),
+        concurrency,
+        network,
+        env,
+        routes,
+        cron: to_json("cron", raw.cron)?,
+        events: to_json("events", raw.events)?,
+    })
+}
+
+fn duration_value_ms(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::String(s) => parse_duration(s).map(|d| d.as_millis() as u64),
+        toml::Value::Integer(i) if *i >= 0 => Ok((*i as u64).saturating_mul(1000)),
+        _ => Err("must be a duration such as \"5s\" or a number of seconds".into()),
+    }
+}
+
+fn validate_handler(runtime: Runtime, handler: &str) -> Result<(), String> {
+    if handler.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if handler.starts_with('/') || handler.split('/').any(|s| s == ".." || s.is_empty()) {
+        return Err(format!(
+            "`{handler}` must be a relative path inside the function folder"
+        ));
+    }
+    match runtime {
+        Runtime::Python3 | Runtime::Node => {
+            let Some((file, func)) = handler.rsplit_once('.') else {
+                return Err(format!(
+                    "`{handler}` must be `file.function` (for example `main.handler`)"
+                ));
+            };
+            let ident = |s: &str| {
+                !s.is_empty()
+                    && !s.starts_with(|c: char| c.is_ascii_digit())
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+            };
+            if file.is_empty() || !ident(func) {
+                return Err(format!(
+                    "`{handler}` must be `file.function` (for example `main.handler`)"
+                ));
+            }
+            Ok(())
+        }
+        Runtime::Exec | Runtime::Wasm => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "hello"
+runtime = "python3"
+handler = "main.handler"
+memory_mb = 256
+timeout = "5s"
+concurrency = { max_instances = 4, idle_timeout = "2m" }
+[env]
+GREETING = "hi"
+N = 3
+[[http]]
+method = "get"
+path = "/hello/{name}"
+[[http]]
+path = "/files/{proxy+}"
+"#;
+
+    #[test]
+    fn parses_a_full_manifest() {
+        let c = parse_manifest("nimbus.toml", GOOD).expect("valid");
+        assert_eq!(c.name, "hello");
+        assert_eq!(c.runtime, Runtime::Python3);
+        assert_eq!(c.memory_mb, 256);
+        assert_eq!(c.timeout_ms, 5_000);
+        assert_eq!(c.concurrency.max_instances, 4);
+        assert_eq!(c.concurrency.idle_timeout_ms, 120_000);
+        assert_eq!(c.env.get("N").map(String::as_str), Some("3"));
+        assert_eq!(c.routes[0].method, "GET");
+        assert_eq!(c.routes[1].method, "ANY");
+        assert_eq!(c.handler_candidates()[0], "main.py");
+    }
+
+    fn field_err(text: &str) -> ManifestError {
+        parse_manifest("fn/nimbus.toml", text).expect_err("must fail")
+    }
+
+    fn base(extra: &str) -> String {
+        format!("name = \"f\"\nruntime = \"node\"\nhandler = \"index.handler\"\n{extra}")
+    }
+
+    #[test]
+    fn errors_name_file_field_and_allowed_values() {
+        let e = field_err("name = \"f\"\nruntime = \"ruby\"\nhandler = \"a.b\"\n");
+        assert_eq!(e.field, "runtime");
+        let s = e.to_string();
+        assert!(s.starts_with("fn/nimbus.toml: field `runtime`"), "{s}");
+        assert!(s.contains("python3, node"), "{s}");
+
+        let e = field_err(&base("memory_mb = 63"));
+        assert_eq!(e.field, "memory_mb");
+        assert!(e.message.contains("64..10240"));
+        assert!(parse_manifest("x", &base("memory_mb = 64")).is_ok());
+        assert!(parse_manifest("x", &base("memory_mb = 10240")).is_ok());
+        assert_eq!(field_err(&base("memory_mb = 10241")).field, "memory_mb");
+
+        assert_eq!(field_err(&base("timeout = \"999ms\"")).field, "timeout");
+        assert!(parse_manifest("x", &base("timeout = \"1s\"")).is_ok());
+        assert!(parse_manifest("x", &base("timeout = \"15m\"")).is_ok());
+        assert_eq!(field_err(&base("timeout = \"901s\"")).field, "timeout");
+        assert_eq!(field_err(&base("timeout = \"soon\"")).field, "timeout");
+    }
+
+    #[test]
+    fn rejects_bad_routes_and_duplicates() {
+        let e = field_err(&base("[[http]]\nmethod = \"GET\"\npath = \"no-slash\""));
+        assert_eq!(e.field, "http[0].path");
+        let e = field_err(&base(
+            "[[http]]\nmethod = \"GET\"\npath = \"/a/{x}\"\n[[http]]\nmethod = \"GET\"\npath = \"/a/{y}\"",
+        ));
+        assert_eq!(e.field, "http[1].path");
+        assert!(e.message.contains("duplicate route"), "{}", e.message);
+        let e = field_err(&base("[[http]]\nmethod = \"FETCH\"\npath = \"/a\""));
+        assert_eq!(e.field, "http[0].method");
+    }
+
+    #[test]
+    fn rejects_missing_fields_unknown_keys_and_bad_toml() {
+        assert_eq!(field_err("runtime = \"node\"\nhandler = \"a.b\"").field, "name");
+        assert_eq!(field_err("name = \"f\"\nruntime = \"node\"").field, "handler");
+        assert!(field_err(&base("memroy_mb = 5")).message.contains("memroy_mb"));
+        assert!(field_err("name = ").message.contains("line 1"));
+    }
+
+    #[test]
+    fn rejects_bad_names_handlers_and_env() {
+        assert_eq!(field_err("name = \"Hello World\"\nruntime = \"node\"\nhandler = \"a.b\"").field, "name");
+        assert_eq!(field_err("name = \"f\"\nruntime = \"python3\"\nhandler = \"main\"").field, "handler");
+        assert_eq!(field_err("name = \"f\"\nruntime = \"exec\"\nhandler = \"../x\"").field, "handler");
+        assert_eq!(field_err(&base("[env]\nAWS_LAMBDA_FUNCTION_NAME = \"x\"")).field, "env.AWS_LAMBDA_FUNCTION_NAME");
+        assert_eq!(field_err(&base("[env]\n\"A-B\" = \"x\"")).field, "env.A-B");
+        let big = format!("[env]\nBIG = \"{}\"", "x".repeat(5000));
+        assert_eq!(field_err(&base(&big)).field, "env");
+    }
+
+    #[test]
+    fn accepts_lambda_runtime_identifiers() {
+        assert_eq!(Runtime::parse("python3.12"), Some(Runtime::Python3));
+        assert_eq!(Runtime::parse("nodejs20.x"), Some(Runtime::Node));
+        assert_eq!(Runtime::parse("python3.x1"), None);
+        assert_eq!(Runtime::parse("ruby3.3"), None);
+    }
+}
