@@ -1,1 +1,510 @@
-//! placeholder
+//! nimbus-control: the control-plane REST API under `/v1`.
+//!
+//! Owns: admin authentication, deploys (upload -> content-addressed artifact -> immutable
+//! version -> alias `live`), listing and deleting functions, versions and aliases,
+//! rollback, and synchronous invocation for the CLI. Every error is one [`ApiError`]
+//! with an explicit status and a `{"error": {"code", "message"}}` body.
+//!
+//! Must not touch: instances (it invokes through `Arc<dyn Invoker>`), or the gateway's
+//! routing (routes reach the gateway through the store's change feed).
+#![forbid(unsafe_code)]
+
+mod error;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use nimbus_artifacts::ArtifactStore;
+use nimbus_core::api::{
+    AliasInfo, DeployResponse, FunctionDetail, FunctionSummary, InvokeResponse, RollbackResponse,
+    SetAliasRequest, VersionInfo,
+};
+use nimbus_core::manifest::{MANIFEST_FILE, parse_manifest};
+use nimbus_core::{InvokeRequest, Invoker, Target, Trigger};
+use nimbus_store::Store;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+pub use error::ApiError;
+
+/// Everything the control API works with; built by `cli::serve`.
+pub struct ControlState {
+    pub store: Arc<Store>,
+    pub artifacts: Arc<ArtifactStore>,
+    pub invoker: Arc<dyn Invoker>,
+    /// sha256 of the admin token: comparing digests keeps the comparison's timing
+    /// independent of how much of a guess was right.
+    pub admin_token_sha256: [u8; 32],
+    pub unpack_limits: nimbus_artifacts::Limits,
+    pub max_payload: usize,
+}
+
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The `/v1` API. Paths are absolute, so the caller merges rather than nests it.
+pub fn router(state: Arc<ControlState>) -> Router {
+    Router::new()
+        .route("/v1/functions", get(list_functions).post(deploy))
+        .route("/v1/functions/{name}", get(get_function).delete(delete_function))
+        .route("/v1/functions/{name}/versions", get(list_versions))
+        .route("/v1/functions/{name}/aliases", get(list_aliases))
+        .route("/v1/functions/{name}/aliases/{alias}", put(set_alias))
+        .route("/v1/functions/{name}/rollback", post(rollback))
+        .route("/v1/functions/{name}/invoke", post(invoke))
+        .route("/v1/routes", get(list_routes))
+        .route("/v1/{*rest}", axum::routing::any(unknown_path))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), require_admin))
+        .with_state(state)
+}
+
+async fn require_admin(
+    State(st): State<Arc<ControlState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|t| {
+        let d = token_digest(t);
+        d.iter()
+            .zip(st.admin_token_sha256.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    });
+    if !ok {
+        let mut r = ApiError::Unauthorized.into_response();
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"nimbus\""),
+        );
+        return r;
+    }
+    next.run(req).await
+}
+
+async fn unknown_path() -> ApiError {
+    ApiError::NotFound("no such API path".into())
+}
+
+/// Runs a store or disk operation off the async threads.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))?
+}
+
+async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Response, ApiError> {
+    // Stream the upload to disk: archives can be far larger than we want in memory.
+    let tmp = tempfile::NamedTempFile::new_in(st.artifacts.tmp_dir())
+        .map_err(|e| ApiError::Internal(format!("create upload file: {e}")))?;
+    let (std_file, tmp_path) = tmp.into_parts();
+    let mut file = tokio::fs::File::from_std(std_file);
+    let limit = st.unpack_limits.max_archive_bytes;
+    let mut written: u64 = 0;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ApiError::BadRequest("could not read the upload".into()))?;
+        written += chunk.len() as u64;
+        if written > limit {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "archive exceeds {} MiB",
+                limit / (1024 * 1024)
+            )));
+        }
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| ApiError::Storage(format!("write upload: {e}")))?;
+    }
+    if written == 0 {
+        return Err(ApiError::BadRequest(
+            "empty upload: send a tar.gz of the function folder".into(),
+        ));
+    }
+    file.flush()
+        .await
+        .map_err(|e| ApiError::Storage(format!("write upload: {e}")))?;
+    drop(file);
+
+    let st2 = Arc::clone(&st);
+    let (resp, created) = blocking(move || {
+        let ingested = st2
+            .artifacts
+            .ingest(&tmp_path, &st2.unpack_limits)
+            .map_err(ApiError::from_artifacts)?;
+        let text = ingested.manifest.as_deref().ok_or_else(|| {
+            ApiError::InvalidManifest(format!(
+                "the archive has no {MANIFEST_FILE} at its root"
+            ))
+        })?;
+        let config = parse_manifest(MANIFEST_FILE, text)
+            .map_err(|e| ApiError::InvalidManifest(e.to_string()))?;
+        let candidates = config.handler_candidates();
+        if !candidates
+            .iter()
+            .any(|c| ingested.code_dir.join(c).is_file())
+        {
+            return Err(ApiError::InvalidManifest(format!(
+                "{MANIFEST_FILE}: field `handler`: `{}` not found: expected {} in the function folder",
+                config.handler,
+                candidates.join(" or ")
+            )));
+        }
+        let warnings = warnings_for(&config);
+        let result = st2
+            .store
+            .deploy(&ingested.digest, ingested.size, &config)
+            .map_err(ApiError::from_store)?;
+        Ok((
+            DeployResponse {
+                name: config.name.clone(),
+                version: result.version.version,
+                digest: ingested.digest,
+                size: ingested.size,
+                created: result.created,
+                warnings,
+            },
+            result.created,
+        ))
+    })
+    .await?;
+    tracing::info!(function = %resp.name, version = resp.version, created, "deployed");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(resp)).into_response())
+}
+
+fn warnings_for(c: &nimbus_core::FunctionConfig) -> Vec<String> {
+    let mut w = Vec::new();
+    if !c.cron.is_empty() {
+        w.push("[[cron]] triggers are stored but not yet scheduled by this build".into());
+    }
+    if !c.events.is_empty() {
+        w.push("[[events]] subscriptions are stored but not yet delivered by this build".into());
+    }
+    w
+}
+
+async fn list_functions(
+    State(st): State<Arc<ControlState>>,
+) -> Result<Json<Vec<FunctionSummary>>, ApiError> {
+    let store = Arc::clone(&st.store);
+    blocking(move || {
+        let rows = store.list_functions().map_err(ApiError::from_store)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for f in rows {
+            let shown = f.live_version.unwrap_or(f.latest_version);
+            let v = store
+                .get_version(&f.name, shown)
+                .map_err(ApiError::from_store)?;
+            out.push(FunctionSummary {
+                runtime: v.as_ref().map(|v| v.config.runtime_name.clone()).unwrap_or_default(),
+                memory_mb: v.as_ref().map(|v| v.config.memory_mb).unwrap_or_default(),
+                name: f.name,
+                live_version: f.live_version,
+                latest_version: f.latest_version,
+                updated_at: f.updated_at,
+            });
+        }
+        Ok(Json(out))
+    })
+    .await
+}
+
+fn not_found_fn(name: &str) -> ApiError {
+    ApiError::NotFound(format!("function `{name}` not found"))
+}
+
+async fn get_function(
+    State(st): State<Arc<ControlState>>,
+    Path(name): Path<String>,
+) -> Result<Json<FunctionDetail>, ApiError> {
+    let store = Arc::clone(&st.store);
+    blocking(move || {
+        let f = store
+            .get_function(&name)
+            .map_err(ApiError::from_store)?
+            .ok_or_else(|| not_found_fn(&name))?;
+        let shown = f.live_version.unwrap_or(f.latest_version);
+        let v = store
+            .get_version(&name, shown)
+            .map_err(ApiError::from_store)?
+            .ok_or_else(|| not_found_fn(&name))?;
+        let aliases = store
+            .list_aliases(&name)
+            .map_err(ApiError::from_store)?
+            .into_iter()
+            .map(|a| AliasInfo {
+                name: a.name,
+                version: a.version,
+            })
+            .collect();
+        let routes = store
+            .routes()
+            .map_err(ApiError::from_store)?
+            .into_iter()
+            .filter(|r| r.function == name)
+            .collect();
+        Ok(Json(FunctionDetail {
+            name: f.name,
+            created_at: f.created_at,
+            latest_version: f.latest_version,
+            aliases,
+            routes,
+            config: v.config,
+        }))
+    })
+    .await
+}
+
+async fn delete_function(
+    State(st): State<Arc<ControlState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let st2 = Arc::clone(&st);
+    let n = name.clone();
+    let unused = blocking(move || st2.store.delete_function(&n).map_err(ApiError::from_store))
+        .await?;
+    st.invoker.evict(&name).await;
+    let artifacts = Arc::clone(&st.artifacts);
+    blocking(move || {
+        for digest in unused {
+            if let Err(e) = artifacts.remove(&digest) {
+                // The function is gone either way; an orphan blob only costs disk.
+                tracing::warn!(%digest, error = %e, "remove unused artifact");
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    tracing::info!(function = %name, "deleted");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_versions(
+    State(st): State<Arc<ControlState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<VersionInfo>>, ApiError> {
+    let store = Arc::clone(&st.store);
+    blocking(move || {
+        if store
+            .get_function(&name)
+            .map_err(ApiError::from_store)?
+            .is_none()
+        {
+            return Err(not_found_fn(&name));
+        }
+        let aliases = store.list_aliases(&name).map_err(ApiError::from_store)?;
+        let versions = store.list_versions(&name).map_err(ApiError::from_store)?;
+        Ok(Json(
+            versions
+                .into_iter()
+                .map(|v| VersionInfo {
+                    aliases: aliases
+                        .iter()
+                        .filter(|a| a.version == v.version)
+                        .map(|a| a.name.clone())
+                        .collect(),
+                    version: v.version,
+                    digest: v.digest,
+                    size: v.size,
+                    created_at: v.created_at,
+                    runtime: v.config.runtime_name,
+                    handler: v.config.handler,
+                    memory_mb: v.config.memory_mb,
+                })
+                .collect(),
+        ))
+    })
+    .await
+}
+
+async fn list_aliases(
+    State(st): State<Arc<ControlState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<AliasInfo>>, ApiError> {
+    let store = Arc::clone(&st.store);
+    blocking(move || {
+        if store
+            .get_function(&name)
+            .map_err(ApiError::from_store)?
+            .is_none()
+        {
+            return Err(not_found_fn(&name));
+        }
+        Ok(Json(
+            store
+                .list_aliases(&name)
+                .map_err(ApiError::from_store)?
+                .into_iter()
+                .map(|a| AliasInfo {
+                    name: a.name,
+                    version: a.version,
+                })
+                .collect(),
+        ))
+    })
+    .await
+}
+
+async fn set_alias(
+    State(st): State<Arc<ControlState>>,
+    Path((name, alias)): Path<(String, String)>,
+    body: Body,
+) -> Result<Json<AliasInfo>, ApiError> {
+    let bytes = read_body(body, 64 * 1024).await?;
+    let req: SetAliasRequest = parse_json(&bytes)?;
+    let store = Arc::clone(&st.store);
+    blocking(move || {
+        let row = store
+            .set_alias(&name, &alias, req.version)
+            .map_err(ApiError::from_store)?;
+        tracing::info!(function = %name, %alias, version = row.version, "alias set");
+        Ok(Json(AliasInfo {
+            name: row.name,
+            version: row.version,
+        }))
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+struct RollbackRequest {
+    alias: Option<String>,
+}
+
+async fn rollback(
+    State(st): State<Arc<ControlState>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Json<RollbackResponse>, ApiError> {
+    let bytes = read_body(body, 64 * 1024).await?;
+    let req: RollbackRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        RollbackRequest::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let alias = req.alias.unwrap_or_else(|| "live".into());
+    let store = Arc::clone(&st.store);
+    blocking(move || {
+        let (from, to) = store
+            .rollback(&name, &alias)
+            .map_err(ApiError::from_store)?;
+        tracing::info!(function = %name, %alias, from, to, "rolled back");
+        Ok(Json(RollbackResponse {
+            name,
+            alias,
+            from,
+            to,
+        }))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct InvokeQuery {
+    version: Option<u32>,
+    alias: Option<String>,
+    #[serde(default)]
+    logs: bool,
+}
+
+async fn invoke(
+    State(st): State<Arc<ControlState>>,
+    Path(name): Path<String>,
+    query: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let target = match (q.version, q.alias) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give either `version` or `alias`, not both".into(),
+            ));
+        }
+        (Some(v), None) => Target::Version(v),
+        (None, Some(a)) => Target::Alias(a),
+        (None, None) => Target::default(),
+    };
+    let payload = read_body(body, st.max_payload).await?;
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        bytes::Bytes::from_static(b"null")
+    } else {
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+            return Err(ApiError::BadRequest(format!("the event is not valid JSON: {e}")));
+        }
+        payload
+    };
+    let outcome = st
+        .invoker
+        .invoke(InvokeRequest {
+            request_id: nimbus_core::new_request_id(),
+            function: name,
+            target,
+            trigger: Trigger::Api,
+            payload,
+        })
+        .await
+        .map_err(ApiError::from_invoke)?;
+    let status = StatusCode::from_u16(outcome.status.http_status())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let envelope = InvokeResponse::from_outcome(&outcome, q.logs);
+    let mut resp = (status, Json(envelope)).into_response();
+    nimbus_headers(resp.headers_mut(), &outcome);
+    Ok(resp)
+}
+
+/// The `X-Nimbus-*` headers every invocation answer carries.
+pub fn nimbus_headers(h: &mut HeaderMap, o: &nimbus_core::InvokeOutcome) {
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    put("x-nimbus-request-id", o.request_id.clone());
+    put("x-nimbus-cold-start", o.cold_start.to_string());
+    put("x-nimbus-duration-ms", format!("{:.3}", o.duration_ms));
+    put("x-nimbus-version", o.version.to_string());
+}
+
+async fn list_routes(
+    State(st): State<Arc<ControlState>>,
+) -> Result<Json<Vec<nimbus_core::routes::RouteEntry>>, ApiError> {
+    let store = Arc::clone(&st.store);
+    blocking(move || Ok(Json(store.routes().map_err(ApiError::from_store)?))).await
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(
+            format!("request body exceeds {} bytes", limit),
+        )),
+        Err(_) => Err(ApiError::BadRequest("could not read the request body".into())),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}

@@ -3,7 +3,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::FunctionConfig;
-use crate::invoke::FunctionError;
 use crate::routes::RouteEntry;
 
 /// `{"error": {"code": "...", "message": "..."}}`, the body of every API error.
@@ -105,11 +104,116 @@ pub struct InvokeResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<FunctionError>,
+    pub error: Option<InvokeErrorInfo>,
     pub cold_start: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_duration_ms: Option<f64>,
     pub duration_ms: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs: Option<String>,
+}
+
+/// Why an invocation failed: our `code`/`message` pair plus Lambda's error fields, so
+/// both kinds of client read it without a special case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InvokeErrorInfo {
+    pub code: String,
+    pub message: String,
+    #[serde(rename = "errorType")]
+    pub error_type: String,
+    #[serde(rename = "errorMessage")]
+    pub error_message: String,
+    #[serde(rename = "stackTrace", default, skip_serializing_if = "Vec::is_empty")]
+    pub stack_trace: Vec<String>,
+}
+
+impl InvokeResponse {
+    /// The envelope for a finished invocation.
+    pub fn from_outcome(o: &crate::InvokeOutcome, with_logs: bool) -> InvokeResponse {
+        use crate::InvokeStatus;
+        let (result, error) = match &o.status {
+            InvokeStatus::Success(bytes) => (
+                Some(serde_json::from_slice(bytes).unwrap_or(serde_json::Value::Null)),
+                None,
+            ),
+            InvokeStatus::FunctionError(fe) => (
+                None,
+                Some(InvokeErrorInfo {
+                    code: o.status.code().into(),
+                    message: o.status.message(),
+                    error_type: fe.error_type.clone(),
+                    error_message: fe.error_message.clone(),
+                    stack_trace: fe.stack_trace.clone(),
+                }),
+            ),
+            other => (
+                None,
+                Some(InvokeErrorInfo {
+                    code: other.code().into(),
+                    message: other.message(),
+                    error_type: format!("Nimbus.{}", camel(other.code())),
+                    error_message: other.message(),
+                    stack_trace: vec![],
+                }),
+            ),
+        };
+        InvokeResponse {
+            request_id: o.request_id.clone(),
+            function: o.function.clone(),
+            version: o.version,
+            status: o.status.code().into(),
+            result,
+            error,
+            cold_start: o.cold_start,
+            init_duration_ms: o.init_duration_ms,
+            duration_ms: o.duration_ms,
+            logs: with_logs.then(|| o.logs.clone()),
+        }
+    }
+}
+
+fn camel(code: &str) -> String {
+    code.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InvokeOutcome, InvokeStatus};
+
+    fn outcome(status: InvokeStatus) -> InvokeOutcome {
+        InvokeOutcome {
+            request_id: "r".into(),
+            function: "f".into(),
+            version: 1,
+            status,
+            cold_start: true,
+            init_duration_ms: Some(1.0),
+            duration_ms: 2.0,
+            logs: "log".into(),
+            memory_mb: 128,
+        }
+    }
+
+    #[test]
+    fn envelope_carries_both_error_conventions() {
+        let r = InvokeResponse::from_outcome(&outcome(InvokeStatus::Timeout), false);
+        let e = r.error.expect("error");
+        assert_eq!(e.code, "timeout");
+        assert_eq!(e.error_type, "Nimbus.Timeout");
+        assert!(r.logs.is_none());
+        let r = InvokeResponse::from_outcome(
+            &outcome(InvokeStatus::Success(bytes::Bytes::from_static(b"{\"a\":1}"))),
+            true,
+        );
+        assert_eq!(r.result.expect("result")["a"], 1);
+        assert_eq!(r.logs.as_deref(), Some("log"));
+    }
 }

@@ -157,4 +157,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// the broker and the scheduler.
 pub trait Invoker: Send + Sync + 'static {
     fn invoke(&self, req: InvokeRequest) -> BoxFuture<'_, Result<InvokeOutcome, InvokeError>>;
+
+    /// Retires every instance of a function (after `rm`, or to force a cold start);
+    /// returns how many were retired.
+    fn evict(&self, function: &str) -> BoxFuture<'_, usize>;
 }

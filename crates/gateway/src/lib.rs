@@ -1,1 +1,200 @@
-//! placeholder
+//! nimbus-gateway: the data-plane HTTP entry point for functions.
+//!
+//! Owns: matching a request against the route table, turning it into an API Gateway
+//! HTTP API payload 2.0 event, invoking the function through [`Invoker`], and mapping the
+//! function's answer back to an HTTP response (Lambda's proxy-integration rules).
+//!
+//! Must not touch: the store, instances or the control API. It sees routes only as
+//! `watch` snapshots of a [`RouteTable`] that `cli::serve` builds from the store's change
+//! feed, and functions only through `Arc<dyn Invoker>`.
+#![forbid(unsafe_code)]
+
+mod event;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::Response;
+use http::{HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+use nimbus_core::api::ErrorBody;
+use nimbus_core::routes::RouteTable;
+use nimbus_core::{InvokeError, InvokeRequest, InvokeStatus, Invoker, Target, Trigger};
+use tokio::sync::watch;
+
+pub use event::{EventInput, build_event, map_result};
+
+#[derive(Clone)]
+pub struct GatewayState {
+    pub routes: watch::Receiver<Arc<RouteTable>>,
+    pub invoker: Arc<dyn Invoker>,
+    pub max_body: usize,
+}
+
+/// The gateway as a router: every request that reaches it is a function call.
+pub fn router(state: GatewayState) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::to_vec(&ErrorBody::new(code, message)).unwrap_or_default();
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn handle(State(st): State<GatewayState>, req: Request) -> Response {
+    let request_id = nimbus_core::new_request_id();
+    let mut resp = dispatch(&st, req, &request_id).await;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-nimbus-request-id", v);
+    }
+    resp
+}
+
+async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.as_str().to_string();
+    let raw_path = parts.uri.path().to_string();
+    let table = st.routes.borrow().clone();
+    let Some(found) = table.lookup(&method, &raw_path) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no route matches {method} {raw_path}"),
+        );
+    };
+    let body = match read_limited(body, st.max_body).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let source_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let event = build_event(&EventInput {
+        request_id,
+        route_key: &found.entry.route_key(),
+        method: &method,
+        raw_path: &raw_path,
+        raw_query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        path_params: &found.params,
+        body: &body,
+        source_ip: &source_ip,
+        protocol: version_str(parts.version),
+    });
+    let payload = match serde_json::to_vec(&event) {
+        Ok(p) => p,
+        Err(_) => {
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error");
+        }
+    };
+    let function = found.entry.function.clone();
+    let outcome = st
+        .invoker
+        .invoke(InvokeRequest {
+            request_id: request_id.to_string(),
+            function: function.clone(),
+            target: Target::Alias(found.entry.alias.clone()),
+            trigger: Trigger::Http,
+            payload: payload.into(),
+        })
+        .await;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => return invoke_error_response(&e),
+    };
+    let mut resp = match &outcome.status {
+        InvokeStatus::Success(bytes) => map_result(bytes),
+        InvokeStatus::FunctionError(fe) => {
+            tracing::info!(%function, request_id, error_type = %fe.error_type, "function error");
+            // Callers of a public route learn nothing about the code's internals.
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "function_error",
+                "Internal Server Error",
+            )
+        }
+        other => error_response(
+            StatusCode::from_u16(other.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            other.code(),
+            &other.message(),
+        ),
+    };
+    let h = resp.headers_mut();
+    h.insert("x-nimbus-cold-start", HeaderValue::from_static(if outcome.cold_start { "true" } else { "false" }));
+    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", outcome.duration_ms)) {
+        h.insert("x-nimbus-duration-ms", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&outcome.version.to_string()) {
+        h.insert("x-nimbus-version", v);
+    }
+    resp
+}
+
+pub fn invoke_error_response(e: &InvokeError) -> Response {
+    match e {
+        InvokeError::NotFound(m) => error_response(StatusCode::NOT_FOUND, "not_found", m),
+        InvokeError::Throttled { retry_after_s, .. } => {
+            let mut r = error_response(StatusCode::TOO_MANY_REQUESTS, "throttled", &e.to_string());
+            if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
+                r.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+            r
+        }
+        InvokeError::BadRequest(m) => error_response(StatusCode::BAD_REQUEST, "bad_request", m),
+        InvokeError::ShuttingDown => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
+        }
+        InvokeError::Internal(detail) => {
+            tracing::error!(error = %detail, "invocation failed inside the platform");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        }
+    }
+}
+
+/// Reads a body up to `limit` bytes; past it, 413 with the JSON error body.
+pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("request body exceeds {limit} bytes"),
+        )
+    };
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(_) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "could not read the request body",
+        )),
+    }
+}
+
+fn version_str(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// Header names that describe the hop, not the request; kept out of events.
+pub fn is_hop_header(name: &str) -> bool {
+    matches!(
+        name,
+        "connection" | "keep-alive" | "transfer-encoding" | "upgrade" | "te" | "trailer"
+    )
+}

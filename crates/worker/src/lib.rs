@@ -1,1 +1,504 @@
-//! placeholder
+//! nimbus-worker: runs invocations on pools of sandboxed function instances.
+//!
+//! Owns: one pool per function version, cold starts (spawning an instance through the
+//! `sandbox` crate and waiting for its shim to load the handler), warm reuse
+//! (most-recently-used first), the concurrency cap, per-invocation deadlines (the instance
+//! is killed when one passes), log capture and the embedded runtime shims.
+//! Implements [`nimbus_core::Invoker`]; nothing above it knows instances exist.
+//!
+//! Must not touch: HTTP, routing or auth (gateway, control), or Linux isolation details
+//! (sandbox). It reads the store only to resolve a function's alias to a version.
+#![forbid(unsafe_code)]
+
+mod instance;
+pub mod protocol;
+mod runtimes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nimbus_artifacts::ArtifactStore;
+use nimbus_core::invoke::BoxFuture;
+use nimbus_core::{
+    FunctionConfig, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus, Invoker, Runtime,
+};
+use nimbus_sandbox::Host;
+use nimbus_store::Store;
+use tokio::sync::Semaphore;
+
+use crate::instance::{Live, RunError};
+
+pub use runtimes::RuntimeFiles;
+
+/// Per-invocation log cap: past it, output is dropped and a marker says so.
+pub const DEFAULT_LOG_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("install runtime shims into {path}: {source}")]
+    InstallRuntimes {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the worker needs from the operator; built by `cli::serve`.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Where the embedded shims are written (`<data>/runtimes`).
+    pub runtime_dir: PathBuf,
+    /// Runtime name (`python3`, `node`, `python3.12`, ...) to interpreter path.
+    pub interpreters: BTreeMap<String, PathBuf>,
+    pub region: String,
+    pub log_limit: usize,
+    /// How long an invocation waits for a free slot under `max_instances` before 429.
+    pub queue_timeout: Duration,
+    /// Limit on starting an instance and loading its handler.
+    pub init_timeout: Duration,
+}
+
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: WorkerConfig,
+    runtimes: RuntimeFiles,
+    store: Arc<Store>,
+    artifacts: Arc<ArtifactStore>,
+    host: Arc<Host>,
+    pools: Mutex<HashMap<(String, u32), Arc<Pool>>>,
+    shutting_down: AtomicBool,
+}
+
+/// The instances of one function version.
+struct Pool {
+    function: String,
+    version: u32,
+    config: FunctionConfig,
+    code_dir: PathBuf,
+    idle: Mutex<Vec<Live>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Worker {
+    pub fn new(
+        cfg: WorkerConfig,
+        store: Arc<Store>,
+        artifacts: Arc<ArtifactStore>,
+        host: Arc<Host>,
+    ) -> Result<Worker, Error> {
+        let runtimes = RuntimeFiles::install(&cfg.runtime_dir).map_err(|source| {
+            Error::InstallRuntimes {
+                path: cfg.runtime_dir.clone(),
+                source,
+            }
+        })?;
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                cfg,
+                runtimes,
+                store,
+                artifacts,
+                host,
+                pools: Mutex::new(HashMap::new()),
+                shutting_down: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Retires idle instances past their function's `idle_timeout` (scale to zero).
+    /// Runs until the worker shuts down.
+    pub fn spawn_reaper(&self) -> tokio::task::JoinHandle<()> {
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            while !inner.shutting_down.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let pools: Vec<Arc<Pool>> = lock(&inner.pools).values().cloned().collect();
+                for pool in pools {
+                    let idle_for = Duration::from_millis(pool.config.concurrency.idle_timeout_ms);
+                    let expired: Vec<Live> = {
+                        let mut idle = lock(&pool.idle);
+                        let (keep, gone): (Vec<Live>, Vec<Live>) = idle
+                            .drain(..)
+                            .partition(|l| l.last_used.elapsed() < idle_for && l.is_alive());
+                        *idle = keep;
+                        gone
+                    };
+                    if !expired.is_empty() {
+                        tracing::debug!(
+                            function = %pool.function,
+                            version = pool.version,
+                            count = expired.len(),
+                            "retiring idle instances"
+                        );
+                        retire_all(expired);
+                    }
+                }
+            }
+        })
+    }
+
+    /// Kills every instance; later invocations fail with `ShuttingDown`.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        let pools: Vec<Arc<Pool>> = lock(&self.inner.pools).drain().map(|(_, p)| p).collect();
+        let mut all = Vec::new();
+        for pool in pools {
+            all.extend(lock(&pool.idle).drain(..));
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(all)).await;
+    }
+
+    /// Number of idle (warm) instances of a function, all versions.
+    pub fn idle_instances(&self, function: &str) -> usize {
+        lock(&self.inner.pools)
+            .values()
+            .filter(|p| p.function == function)
+            .map(|p| lock(&p.idle).len())
+            .sum()
+    }
+}
+
+impl Invoker for Worker {
+    fn invoke(&self, req: InvokeRequest) -> BoxFuture<'_, Result<InvokeOutcome, InvokeError>> {
+        Box::pin(self.inner.clone().invoke(req))
+    }
+
+    fn evict(&self, function: &str) -> BoxFuture<'_, usize> {
+        let inner = Arc::clone(&self.inner);
+        let function = function.to_string();
+        Box::pin(async move {
+            let mut gone = Vec::new();
+            {
+                let mut pools = lock(&inner.pools);
+                pools.retain(|(f, _), pool| {
+                    if *f == function {
+                        gone.extend(lock(&pool.idle).drain(..));
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            let n = gone.len();
+            let _ = tokio::task::spawn_blocking(move || drop(gone)).await;
+            n
+        })
+    }
+}
+
+impl Inner {
+    async fn invoke(self: Arc<Self>, req: InvokeRequest) -> Result<InvokeOutcome, InvokeError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(InvokeError::ShuttingDown);
+        }
+        let pool = self.pool_for(&req).await?;
+        let wait = tokio::time::timeout(
+            self.cfg.queue_timeout,
+            Arc::clone(&pool.slots).acquire_owned(),
+        )
+        .await;
+        let _permit = match wait {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(InvokeError::ShuttingDown),
+            Err(_) => {
+                return Err(InvokeError::Throttled {
+                    function: pool.function.clone(),
+                    retry_after_s: 1,
+                });
+            }
+        };
+
+        let mut outcome = InvokeOutcome {
+            request_id: req.request_id.clone(),
+            function: pool.function.clone(),
+            version: pool.version,
+            status: InvokeStatus::Success(bytes::Bytes::new()),
+            cold_start: false,
+            init_duration_ms: None,
+            duration_ms: 0.0,
+            logs: String::new(),
+            memory_mb: pool.config.memory_mb,
+        };
+
+        let warm = pop_live(&pool);
+        let mut live = match warm {
+            Some(l) => l,
+            None => {
+                outcome.cold_start = true;
+                let started = Instant::now();
+                match self.start_instance(&pool).await {
+                    Ok(l) => {
+                        outcome.init_duration_ms = Some(ms(started.elapsed()));
+                        l
+                    }
+                    Err(status) => {
+                        outcome.init_duration_ms = Some(ms(started.elapsed()));
+                        outcome.status = status;
+                        return Ok(outcome);
+                    }
+                }
+            }
+        };
+
+        let deadline = Duration::from_millis(pool.config.timeout_ms);
+        let arn = self.arn(&pool.function, &req.target);
+        let started = Instant::now();
+        let run = live
+            .run(&req.request_id, &arn, &req.payload, deadline, self.cfg.log_limit)
+            .await;
+        outcome.duration_ms = ms(started.elapsed());
+        outcome.logs = live.take_logs();
+        match run {
+            Ok(status) => {
+                outcome.status = status;
+                live.last_used = Instant::now();
+                live.invocations += 1;
+                if !self.shutting_down.load(Ordering::Relaxed) {
+                    lock(&pool.idle).push(live);
+                } else {
+                    retire(live);
+                }
+            }
+            Err(err) => {
+                outcome.status = self.classify_failure(live, err).await;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Turns a broken instance into the status the caller sees, and disposes of it.
+    async fn classify_failure(&self, mut live: Live, err: RunError) -> InvokeStatus {
+        live.kill();
+        let exit = live.reap().await;
+        let status = match err {
+            RunError::Timeout => InvokeStatus::Timeout,
+            RunError::ResultTooLarge => InvokeStatus::ResultTooLarge,
+            RunError::Broken(detail) => {
+                if live.oom_killed() {
+                    InvokeStatus::OutOfMemory
+                } else {
+                    let how = exit.map(|e| format!(", {e}")).unwrap_or_default();
+                    InvokeStatus::Crashed(format!("{detail}{how}"))
+                }
+            }
+        };
+        retire(live);
+        status
+    }
+
+    async fn pool_for(&self, req: &InvokeRequest) -> Result<Arc<Pool>, InvokeError> {
+        let store = Arc::clone(&self.store);
+        let (function, target) = (req.function.clone(), req.target.clone());
+        let row = tokio::task::spawn_blocking(move || store.resolve(&function, &target))
+            .await
+            .map_err(|e| InvokeError::Internal(e.to_string()))?
+            .map_err(|e| InvokeError::Internal(e.to_string()))?;
+        let Some(row) = row else {
+            return Err(InvokeError::NotFound(match &req.target {
+                nimbus_core::Target::Alias(a) if a == "live" => {
+                    format!("function `{}` not found", req.function)
+                }
+                nimbus_core::Target::Alias(a) => {
+                    format!("alias `{a}` of function `{}` not found", req.function)
+                }
+                nimbus_core::Target::Version(v) => {
+                    format!("version {v} of function `{}` not found", req.function)
+                }
+            }));
+        };
+        let key = (row.function.clone(), row.version);
+        if let Some(p) = lock(&self.pools).get(&key) {
+            return Ok(Arc::clone(p));
+        }
+        let artifacts = Arc::clone(&self.artifacts);
+        let digest = row.digest.clone();
+        let code_dir = tokio::task::spawn_blocking(move || artifacts.code_dir(&digest))
+            .await
+            .map_err(|e| InvokeError::Internal(e.to_string()))?
+            .map_err(|e| InvokeError::Internal(format!("load code {}: {e}", row.digest)))?;
+        let pool = Arc::new(Pool {
+            function: row.function.clone(),
+            version: row.version,
+            slots: Arc::new(Semaphore::new(row.config.concurrency.max_instances as usize)),
+            config: row.config,
+            code_dir,
+            idle: Mutex::new(Vec::new()),
+        });
+        Ok(Arc::clone(lock(&self.pools).entry(key).or_insert(pool)))
+    }
+
+    async fn start_instance(&self, pool: &Pool) -> Result<Live, InvokeStatus> {
+        let spec = self
+            .instance_spec(pool)
+            .map_err(InvokeStatus::SandboxFailed)?;
+        let host = Arc::clone(&self.host);
+        let spawned = tokio::task::spawn_blocking(move || host.spawn(&spec))
+            .await
+            .map_err(|e| InvokeStatus::SandboxFailed(e.to_string()))?;
+        let sandboxed = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(function = %pool.function, error = %e, "sandbox spawn failed");
+                return Err(InvokeStatus::SandboxFailed(e.to_string()));
+            }
+        };
+        let mut live = Live::new(sandboxed).map_err(|e| {
+            tracing::error!(function = %pool.function, error = %e, "wrap instance failed");
+            InvokeStatus::SandboxFailed(e.to_string())
+        })?;
+        match live.wait_ready(self.cfg.init_timeout, self.cfg.log_limit).await {
+            Ok(()) => Ok(live),
+            Err(instance::ReadyError::InitFailed(fe)) => {
+                retire(live);
+                Err(InvokeStatus::FunctionError(fe))
+            }
+            Err(instance::ReadyError::Sandbox(msg)) => {
+                tracing::error!(function = %pool.function, error = %msg, "sandbox setup failed");
+                retire(live);
+                Err(InvokeStatus::SandboxFailed(msg))
+            }
+            Err(instance::ReadyError::Run(err)) => Err(self.classify_failure(live, err).await),
+        }
+    }
+
+    fn instance_spec(&self, pool: &Pool) -> Result<nimbus_sandbox::InstanceSpec, String> {
+        let c = &pool.config;
+        let interp = |name: &str, fallback: &str| -> Result<PathBuf, String> {
+            self.cfg
+                .interpreters
+                .get(name)
+                .or_else(|| self.cfg.interpreters.get(fallback))
+                .cloned()
+                .ok_or_else(|| format!("no interpreter configured for runtime `{name}`"))
+        };
+        let (program, args) = match c.runtime {
+            Runtime::Python3 => {
+                let py = interp(&c.runtime_name, "python3")?;
+                let script = self.runtimes.python.display().to_string();
+                (py.clone(), vec![py.display().to_string(), "-I".into(), "-S".into(), "-u".into(), script])
+            }
+            Runtime::Node => {
+                let node = interp(&c.runtime_name, "node")?;
+                let script = self.runtimes.node.display().to_string();
+                (node.clone(), vec![node.display().to_string(), script])
+            }
+            Runtime::Exec => {
+                let exe = pool.code_dir.join(&c.handler);
+                (exe.clone(), vec![exe.display().to_string()])
+            }
+            Runtime::Wasm => return Err("wasm functions are not supported by this worker".into()),
+        };
+        let id = format!(
+            "{}-{}-{}",
+            pool.function,
+            pool.version,
+            &nimbus_core::new_request_id()[..8]
+        );
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("TZ".into(), "UTC".into()),
+            ("HOME".into(), "/tmp".into()),
+            ("NIMBUS_CONTROL_FD".into(), "3".into()),
+            ("_HANDLER".into(), c.handler.clone()),
+            ("LAMBDA_TASK_ROOT".into(), pool.code_dir.display().to_string()),
+            ("LAMBDA_RUNTIME_DIR".into(), self.runtimes.dir.display().to_string()),
+            ("AWS_LAMBDA_FUNCTION_NAME".into(), pool.function.clone()),
+            ("AWS_LAMBDA_FUNCTION_VERSION".into(), pool.version.to_string()),
+            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(), c.memory_mb.to_string()),
+            ("AWS_LAMBDA_INITIALIZATION_TYPE".into(), "on-demand".into()),
+            ("AWS_LAMBDA_LOG_GROUP_NAME".into(), format!("/aws/lambda/{}", pool.function)),
+            ("AWS_LAMBDA_LOG_STREAM_NAME".into(), format!("{}/[{}]{}", today(), pool.version, id)),
+            ("AWS_REGION".into(), self.cfg.region.clone()),
+            ("AWS_DEFAULT_REGION".into(), self.cfg.region.clone()),
+            ("AWS_EXECUTION_ENV".into(), format!("nimbus_{}", c.runtime_name)),
+        ];
+        env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(nimbus_sandbox::InstanceSpec {
+            id,
+            program,
+            args,
+            env,
+            workdir: pool.code_dir.clone(),
+            limits: nimbus_sandbox::Limits::for_memory(c.memory_mb),
+        })
+    }
+
+    fn arn(&self, function: &str, target: &nimbus_core::Target) -> String {
+        let qualifier = match target {
+            nimbus_core::Target::Alias(a) => a.clone(),
+            nimbus_core::Target::Version(v) => v.to_string(),
+        };
+        format!(
+            "arn:aws:lambda:{}:000000000000:function:{function}:{qualifier}",
+            self.cfg.region
+        )
+    }
+}
+
+/// Most recently used first: the warmest caches, and the others idle out sooner.
+fn pop_live(pool: &Pool) -> Option<Live> {
+    loop {
+        let candidate = lock(&pool.idle).pop()?;
+        if candidate.is_alive() {
+            return Some(candidate);
+        }
+        retire(candidate);
+    }
+}
+
+/// Disposes of an instance off the async threads: killing and reaping can block briefly.
+fn retire(live: Live) {
+    retire_all(vec![live]);
+}
+
+fn retire_all(lives: Vec<Live>) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn_blocking(move || drop(lives));
+    } else {
+        drop(lives);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}
+
+fn today() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
+    // Civil-from-days (Howard Hinnant): avoids a date crate for one log-stream name.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}/{m:02}/{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn today_is_a_plausible_date() {
+        let t = super::today();
+        assert_eq!(t.len(), 10);
+        assert!(t.starts_with("20"), "{t}");
+    }
+}

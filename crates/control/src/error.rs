@@ -1,0 +1,118 @@
+//! The control API's one error type and its status mapping.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use nimbus_core::InvokeError;
+use nimbus_core::api::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or invalid admin token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidManifest(String),
+    #[error("{0}")]
+    InvalidArchive(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{function} is throttled")]
+    Throttled { function: String, retry_after_s: u64 },
+    #[error("the platform is shutting down")]
+    Unavailable,
+    /// Disk or database trouble: shown as a generic message, logged in full.
+    #[error("storage error")]
+    Storage(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) | ApiError::InvalidManifest(_) | ApiError::InvalidArchive(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidManifest(_) => "invalid_manifest",
+            ApiError::InvalidArchive(_) => "invalid_archive",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Throttled { .. } => "throttled",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Storage(_) => "storage_error",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn from_store(e: nimbus_store::Error) -> ApiError {
+        use nimbus_store::Error as S;
+        match e {
+            S::NotFound(m) => ApiError::NotFound(m),
+            S::Conflict(m) => ApiError::Conflict(m),
+            S::RouteConflict(c) => ApiError::Conflict(c.to_string()),
+            S::Invalid(m) => ApiError::BadRequest(m),
+            other => ApiError::Storage(other.to_string()),
+        }
+    }
+
+    pub fn from_artifacts(e: nimbus_artifacts::Error) -> ApiError {
+        if e.is_client_error() {
+            ApiError::InvalidArchive(e.to_string())
+        } else {
+            ApiError::Storage(e.to_string())
+        }
+    }
+
+    pub fn from_invoke(e: InvokeError) -> ApiError {
+        match e {
+            InvokeError::NotFound(m) => ApiError::NotFound(m),
+            InvokeError::Throttled {
+                function,
+                retry_after_s,
+            } => ApiError::Throttled {
+                function,
+                retry_after_s,
+            },
+            InvokeError::BadRequest(m) => ApiError::BadRequest(m),
+            InvokeError::ShuttingDown => ApiError::Unavailable,
+            InvokeError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Storage(detail) | ApiError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "control API request failed");
+        }
+        let status = self.status();
+        let mut resp = (status, Json(ErrorBody::new(self.code(), self.to_string()))).into_response();
+        if let ApiError::Throttled { retry_after_s, .. } = &self
+            && let Ok(v) = retry_after_s.to_string().parse()
+        {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}

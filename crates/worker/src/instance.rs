@@ -1,0 +1,272 @@
+//! One live instance: its control channel, its output pipe, and one invocation at a time.
+
+use std::fs::File;
+use std::io::Read;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nimbus_core::{FunctionError, InvokeStatus};
+use tokio::io::AsyncWriteExt;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UnixStream;
+
+use crate::protocol::{self, Frame, FrameError, Kind};
+
+pub(crate) struct Live {
+    sandbox: nimbus_sandbox::Instance,
+    control: UnixStream,
+    output: AsyncFd<File>,
+    logs: LogBuffer,
+    pub last_used: Instant,
+    pub invocations: u64,
+}
+
+pub(crate) enum RunError {
+    Timeout,
+    ResultTooLarge,
+    /// The instance died or spoke nonsense; the detail is for operators.
+    Broken(String),
+}
+
+pub(crate) enum ReadyError {
+    InitFailed(FunctionError),
+    Sandbox(String),
+    Run(RunError),
+}
+
+impl Live {
+    pub fn new(mut sandbox: nimbus_sandbox::Instance) -> std::io::Result<Live> {
+        let missing = || std::io::Error::other("instance has no control channel or output");
+        let control = sandbox.take_control().ok_or_else(missing)?;
+        let output = sandbox.take_output().ok_or_else(missing)?;
+        control.set_nonblocking(true)?;
+        let control = UnixStream::from_std(control)?;
+        let output = AsyncFd::new(File::from(output))?;
+        Ok(Live {
+            sandbox,
+            control,
+            output,
+            logs: LogBuffer::default(),
+            last_used: Instant::now(),
+            invocations: 0,
+        })
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.sandbox.try_wait(), Ok(None))
+    }
+
+    pub fn kill(&mut self) {
+        self.sandbox.kill();
+    }
+
+    pub fn oom_killed(&self) -> bool {
+        self.sandbox.oom_killed()
+    }
+
+    /// Waits (briefly) for the killed instance to exit, so its OOM state is final.
+    pub async fn reap(&mut self) -> Option<String> {
+        for _ in 0..100 {
+            match self.sandbox.try_wait() {
+                Ok(Some(status)) => return Some(status.to_string()),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    pub fn take_logs(&mut self) -> String {
+        std::mem::take(&mut self.logs).finish()
+    }
+
+    /// Waits for the shim's `R` frame (handler loaded).
+    pub async fn wait_ready(&mut self, limit: Duration, log_limit: usize) -> Result<(), ReadyError> {
+        self.logs = LogBuffer::with_limit(log_limit);
+        let frame = self.next_frame(limit).await.map_err(ReadyError::Run)?;
+        match frame.kind {
+            Kind::Ready => Ok(()),
+            Kind::InitFailed => Err(ReadyError::InitFailed(parse_error(&frame.payload))),
+            Kind::SandboxFailed => {
+                let e = parse_error(&frame.payload);
+                Err(ReadyError::Sandbox(e.error_message))
+            }
+            other => Err(ReadyError::Run(RunError::Broken(format!(
+                "expected a ready frame, got {other:?}"
+            )))),
+        }
+    }
+
+    /// Runs one invocation. `Ok` leaves the instance reusable.
+    pub async fn run(
+        &mut self,
+        request_id: &str,
+        arn: &str,
+        event: &[u8],
+        timeout: Duration,
+        log_limit: usize,
+    ) -> Result<InvokeStatus, RunError> {
+        // Keep logs written during init (cold start) with this first invocation.
+        if self.invocations > 0 {
+            self.logs = LogBuffer::with_limit(log_limit);
+        }
+        let deadline_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+            + timeout.as_millis() as u64;
+        let frame = protocol::invoke_frame(request_id, deadline_ms, arn, event);
+        let started = Instant::now();
+        let write = async {
+            self.control
+                .write_all(&frame)
+                .await
+                .map_err(|e| RunError::Broken(format!("send invocation: {e}")))
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(r) => r?,
+            Err(_) => return Err(RunError::Timeout),
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        let frame = self.next_frame(left).await?;
+        match frame.kind {
+            Kind::Success => {
+                if frame.payload.len() > nimbus_core::MAX_PAYLOAD_BYTES {
+                    return Err(RunError::ResultTooLarge);
+                }
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&frame.payload).is_err() {
+                    return Ok(InvokeStatus::FunctionError(FunctionError {
+                        error_type: "Runtime.InvalidResult".into(),
+                        error_message: "the function returned a result that is not JSON".into(),
+                        stack_trace: vec![],
+                    }));
+                }
+                Ok(InvokeStatus::Success(frame.payload))
+            }
+            Kind::Error => Ok(InvokeStatus::FunctionError(parse_error(&frame.payload))),
+            other => Err(RunError::Broken(format!(
+                "expected a result frame, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Reads the next frame while draining the output pipe, so a chatty function never
+    /// blocks on a full pipe while we wait for its result.
+    async fn next_frame(&mut self, limit: Duration) -> Result<Frame, RunError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let frame = {
+            let read = protocol::read_frame(&mut self.control);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    f = &mut read => break f,
+                    ready = self.output.readable() => {
+                        if let Ok(mut guard) = ready {
+                            match guard.try_io(|fd| read_some(fd.get_ref(), &mut self.logs)) {
+                                Ok(Ok(0)) => {
+                                    // Output closed: the instance is exiting; the control
+                                    // channel will say how. Stop polling the pipe.
+                                    break (&mut read).await;
+                                }
+                                Ok(_) | Err(_) => {}
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {
+                        self.drain_output();
+                        return Err(RunError::Timeout);
+                    }
+                }
+            }
+        };
+        // The shim flushed before it wrote the frame, so all of its output is already in
+        // the pipe: read it now, without waiting for the reactor.
+        self.drain_output();
+        match frame {
+            Ok(f) => Ok(f),
+            Err(FrameError::TooLarge(_)) => Err(RunError::ResultTooLarge),
+            Err(e) => Err(RunError::Broken(e.to_string())),
+        }
+    }
+
+    fn drain_output(&mut self) {
+        let file = self.output.get_ref();
+        loop {
+            match read_some(file, &mut self.logs) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+fn read_some(mut file: &File, logs: &mut LogBuffer) -> std::io::Result<usize> {
+    let mut buf = [0u8; 16 * 1024];
+    let n = file.read(&mut buf)?;
+    logs.push(&buf[..n]);
+    Ok(n)
+}
+
+fn parse_error(payload: &[u8]) -> FunctionError {
+    serde_json::from_slice(payload).unwrap_or_else(|_| FunctionError {
+        error_type: "Runtime.InvalidError".into(),
+        error_message: String::from_utf8_lossy(&payload[..payload.len().min(1024)]).into_owned(),
+        stack_trace: vec![],
+    })
+}
+
+/// Output of one invocation, capped; what is past the cap is counted, not kept.
+#[derive(Default)]
+pub(crate) struct LogBuffer {
+    data: Vec<u8>,
+    limit: usize,
+    dropped: u64,
+}
+
+impl LogBuffer {
+    pub fn with_limit(limit: usize) -> Self {
+        LogBuffer {
+            data: Vec::new(),
+            limit,
+            dropped: 0,
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        let room = self.limit.saturating_sub(self.data.len());
+        let take = room.min(bytes.len());
+        self.data.extend_from_slice(&bytes[..take]);
+        self.dropped += (bytes.len() - take) as u64;
+    }
+
+    pub fn finish(self) -> String {
+        let mut s = String::from_utf8_lossy(&self.data).into_owned();
+        if self.dropped > 0 {
+            if !s.ends_with('\n') && !s.is_empty() {
+                s.push('\n');
+            }
+            s.push_str(&format!(
+                "[nimbus: output truncated at {} bytes; {} more bytes dropped]\n",
+                self.limit, self.dropped
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogBuffer;
+
+    #[test]
+    fn log_buffer_caps_and_marks_truncation() {
+        let mut b = LogBuffer::with_limit(10);
+        b.push(b"12345");
+        b.push(b"6789012345");
+        let s = b.finish();
+        assert!(s.starts_with("1234567890\n[nimbus: output truncated at 10 bytes; 5 more"), "{s}");
+        let mut b = LogBuffer::with_limit(10);
+        b.push(b"ok\n");
+        assert_eq!(b.finish(), "ok\n");
+    }
+}

@@ -1,0 +1,161 @@
+//! The host side of the instance frame protocol (docs/runtime-protocol.md).
+//!
+//! A frame is one type byte, a big-endian u32 length and that many payload bytes.
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest frame the host accepts: the payload limit plus room for the envelope.
+pub const MAX_FRAME: usize = nimbus_core::MAX_PAYLOAD_BYTES + 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Ready,
+    InitFailed,
+    SandboxFailed,
+    Invoke,
+    Success,
+    Error,
+}
+
+impl Kind {
+    pub fn byte(self) -> u8 {
+        match self {
+            Kind::Ready => b'R',
+            Kind::InitFailed => b'F',
+            Kind::SandboxFailed => b'X',
+            Kind::Invoke => b'I',
+            Kind::Success => b'S',
+            Kind::Error => b'E',
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        Some(match b {
+            b'R' => Kind::Ready,
+            b'F' => Kind::InitFailed,
+            b'X' => Kind::SandboxFailed,
+            b'I' => Kind::Invoke,
+            b'S' => Kind::Success,
+            b'E' => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("instance closed its control channel")]
+    Closed,
+    #[error("unknown frame type {0:#04x}")]
+    UnknownKind(u8),
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("read frame: {0}")]
+    Io(String),
+}
+
+pub fn encode(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.push(kind.byte());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads one frame. Not cancel-safe: keep the future alive until it finishes.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameError> {
+    let mut head = [0u8; 5];
+    match r.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Err(FrameError::Closed);
+        }
+        Err(e) => return Err(FrameError::Io(e.to_string())),
+    }
+    let kind = Kind::from_byte(head[0]).ok_or(FrameError::UnknownKind(head[0]))?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Closed
+        } else {
+            FrameError::Io(e.to_string())
+        }
+    })?;
+    Ok(Frame {
+        kind,
+        payload: Bytes::from(payload),
+    })
+}
+
+/// Builds an `I` frame around an event that is already valid JSON, without re-encoding it.
+pub fn invoke_frame(request_id: &str, deadline_ms: u64, arn: &str, event: &[u8]) -> Vec<u8> {
+    let head = serde_json::json!({
+        "requestId": request_id,
+        "deadlineMs": deadline_ms,
+        "invokedFunctionArn": arn,
+    })
+    .to_string();
+    // head is `{...}`: splice `,"event":<event>}` in place of its closing brace.
+    let mut body = Vec::with_capacity(head.len() + event.len() + 16);
+    body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    body.extend_from_slice(b",\"event\":");
+    body.extend_from_slice(if event.is_empty() { b"null" } else { event });
+    body.push(b'}');
+    encode(Kind::Invoke, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trips_frames_split_and_joined() {
+        let mut wire = encode(Kind::Success, b"{\"a\":1}");
+        wire.extend(encode(Kind::Ready, b"{}"));
+        let mut r = &wire[..];
+        let f = read_frame(&mut r).await.expect("frame");
+        assert_eq!(f.kind, Kind::Success);
+        assert_eq!(&f.payload[..], b"{\"a\":1}");
+        assert_eq!(read_frame(&mut r).await.expect("frame").kind, Kind::Ready);
+        assert_eq!(read_frame(&mut r).await, Err(FrameError::Closed));
+    }
+
+    #[tokio::test]
+    async fn rejects_unknown_kind_oversize_and_truncation() {
+        let mut r = &b"Q\0\0\0\0"[..];
+        assert_eq!(read_frame(&mut r).await, Err(FrameError::UnknownKind(b'Q')));
+        let mut big = vec![b'S'];
+        big.extend_from_slice(&u32::MAX.to_be_bytes());
+        let mut r = &big[..];
+        assert!(matches!(read_frame(&mut r).await, Err(FrameError::TooLarge(_))));
+        let mut cut = encode(Kind::Success, b"12345");
+        cut.truncate(7);
+        let mut r = &cut[..];
+        assert_eq!(read_frame(&mut r).await, Err(FrameError::Closed));
+    }
+
+    #[test]
+    fn invoke_frame_embeds_event_verbatim() {
+        let f = invoke_frame("r1", 42, "arn", br#"{"x":[1,2]}"#);
+        assert_eq!(f[0], b'I');
+        let v: serde_json::Value = serde_json::from_slice(&f[5..]).expect("json");
+        assert_eq!(v["requestId"], "r1");
+        assert_eq!(v["deadlineMs"], 42);
+        assert_eq!(v["event"]["x"][1], 2);
+        let f = invoke_frame("r1", 42, "arn", b"");
+        let v: serde_json::Value = serde_json::from_slice(&f[5..]).expect("json");
+        assert!(v["event"].is_null());
+    }
+}
