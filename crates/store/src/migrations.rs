@@ -1,0 +1,152 @@
+//! Embedded schema migrations.
+//!
+//! `PRAGMA user_version` holds how many steps of [`MIGRATIONS`] a file has had. Steps
+//! are append-only: never edit a released step, add a new one at the end. All pending
+//! steps and the version bump run in one transaction, so a crash mid-migration leaves
+//! the file at its previous version. `foreign_keys` is already ON when steps run and
+//! cannot be switched inside a transaction, so a step that rebuilds a table must copy
+//! it in an order that keeps every reference valid (or use `PRAGMA defer_foreign_keys`).
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::Error;
+
+/// Step N (1-based) brings a file from schema version N-1 to N.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: functions, immutable versions, aliases and routes.
+    r#"
+    CREATE TABLE functions (
+        name        TEXT PRIMARY KEY NOT NULL,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+    ) STRICT;
+
+    CREATE TABLE versions (
+        function     TEXT NOT NULL REFERENCES functions (name) ON DELETE CASCADE,
+        version      INTEGER NOT NULL CHECK (version >= 1),
+        digest       TEXT NOT NULL,
+        size         INTEGER NOT NULL CHECK (size >= 0),
+        config_json  TEXT NOT NULL,
+        config_hash  TEXT NOT NULL,
+        created_at   TEXT NOT NULL,
+        PRIMARY KEY (function, version)
+    ) STRICT;
+    CREATE INDEX versions_by_digest ON versions (digest);
+
+    -- A version is what an alias, a worker pool and a user's rollback refer to; changing
+    -- one in place would make all of them lie.
+    CREATE TRIGGER versions_are_immutable BEFORE UPDATE ON versions
+    BEGIN
+        SELECT RAISE (ABORT, 'versions are immutable');
+    END;
+
+    -- The version FK is NO ACTION (checked at statement end) rather than RESTRICT, so
+    -- deleting a function cascades through versions and aliases in one statement.
+    CREATE TABLE aliases (
+        function    TEXT NOT NULL REFERENCES functions (name) ON DELETE CASCADE,
+        name        TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        updated_at  TEXT NOT NULL,
+        PRIMARY KEY (function, name),
+        FOREIGN KEY (function, version) REFERENCES versions (function, version)
+    ) STRICT;
+
+    CREATE TABLE routes (
+        method      TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        function    TEXT NOT NULL REFERENCES functions (name) ON DELETE CASCADE,
+        alias       TEXT NOT NULL,
+        auth        TEXT NOT NULL,
+        source      TEXT NOT NULL CHECK (source IN ('manifest', 'api')),
+        created_at  TEXT NOT NULL,
+        PRIMARY KEY (method, path),
+        FOREIGN KEY (function, alias) REFERENCES aliases (function, name)
+    ) STRICT;
+    CREATE INDEX routes_by_function ON routes (function);
+    "#,
+];
+
+/// The schema version this build writes.
+pub(crate) fn supported_version() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    let at = |version: u32| move |source| Error::Migrate { version, source };
+    let target = supported_version();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(at(target))?;
+    let current: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(at(target))?;
+    // user_version is a signed 32-bit field; a negative one was not written by us.
+    let current = u32::try_from(current).map_err(|_| Error::SchemaTooNew {
+        found: current as u32,
+        supported: target,
+    })?;
+    if current > target {
+        return Err(Error::SchemaTooNew {
+            found: current,
+            supported: target,
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as u32 + 1;
+        tx.execute_batch(step).map_err(at(version))?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(at(version))?;
+    }
+    tx.commit().map_err(at(target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user_version(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("read user_version")
+    }
+
+    #[test]
+    fn applies_all_steps_once() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        migrate(&mut conn).expect("first migration");
+        assert_eq!(user_version(&conn), MIGRATIONS.len() as i64);
+        // Running again must be a no-op, not a "table already exists" error.
+        migrate(&mut conn).expect("second migration");
+        assert_eq!(user_version(&conn), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.pragma_update(None, "user_version", 999)
+            .expect("set user_version");
+        let err = migrate(&mut conn).expect_err("newer schema");
+        assert!(
+            matches!(err, Error::SchemaTooNew { found: 999, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn failed_step_leaves_version_unchanged() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        // A table the first step wants to create already exists: step 1 must fail whole.
+        conn.execute_batch("CREATE TABLE routes (x INTEGER);")
+            .expect("pre-create");
+        let err = migrate(&mut conn).expect_err("step 1 fails");
+        assert!(matches!(err, Error::Migrate { version: 1, .. }), "{err}");
+        assert_eq!(user_version(&conn), 0);
+        let functions: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'functions'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("query schema");
+        assert_eq!(functions, 0, "partial step must roll back");
+    }
+}
