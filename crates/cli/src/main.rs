@@ -1,1 +1,160 @@
-fn main() {}
+//! nimbus: the one binary. `nimbus serve` runs the platform; every other verb is a
+//! client of its control API.
+//!
+//! Owns: reading flags, env (`NIMBUS_*`) and files for configuration, wiring the
+//! components together in `serve` (and their shutdown), and the CLI verbs. It is the
+//! only crate that reads configuration; components receive plain config structs.
+//!
+//! The hidden `__sandbox-init` verb is the child side of the sandbox; it is dispatched
+//! before anything else (no tokio runtime, no logging) because it runs inside a fresh
+//! instance.
+#![forbid(unsafe_code)]
+
+mod build;
+mod client;
+mod init;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "nimbus",
+    version,
+    about = "Self-hosted serverless functions: deploy a folder, call it over HTTP."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// URL of the nimbus server.
+    #[arg(long, global = true, env = "NIMBUS_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Admin token (default: read from <data-dir>/admin.token).
+    #[arg(long, global = true, env = "NIMBUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory of the server (holds state and the admin token).
+    #[arg(long, global = true, env = "NIMBUS_DATA_DIR", default_value = ".nimbus")]
+    pub data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform: control API, gateway and workers.
+    Serve(serve::ServeArgs),
+    /// Package a function folder, upload it and point alias `live` at the new version.
+    Deploy(client::DeployArgs),
+    /// Call a function and print its result.
+    Invoke(client::InvokeArgs),
+    /// List functions.
+    #[command(alias = "list")]
+    Ls,
+    /// Show one function: aliases, routes and configuration.
+    Get { name: String },
+    /// List the versions of a function.
+    Versions { name: String },
+    /// Manage aliases.
+    Alias {
+        #[command(subcommand)]
+        cmd: AliasCmd,
+    },
+    /// Point an alias (default `live`) back at the previous version.
+    Rollback {
+        name: String,
+        #[arg(long, default_value = "live")]
+        alias: String,
+    },
+    /// Delete a function with all its versions, aliases and routes.
+    #[command(alias = "delete")]
+    Rm { name: String },
+    /// List the routes of the gateway.
+    Routes,
+    /// Write a new, working function folder.
+    Init(init::InitArgs),
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit,
+}
+
+#[derive(Subcommand)]
+enum AliasCmd {
+    /// Point ALIAS of function NAME at VERSION.
+    Set {
+        name: String,
+        alias: String,
+        version: u32,
+    },
+    /// List the aliases of a function.
+    Ls { name: String },
+}
+
+fn main() -> ExitCode {
+    // The sandbox child must not start threads or touch anything before isolating.
+    if std::env::args_os().nth(1).is_some_and(|a| a == nimbus_sandbox::INIT_ARG) {
+        nimbus_sandbox::init_main();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A whole error chain on one line: users get one line, never a backtrace.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = cli.global;
+    match cli.command {
+        Command::Serve(args) => serve::run(args, &g),
+        Command::Deploy(args) => client::deploy(&g, &args),
+        Command::Invoke(args) => client::invoke(&g, &args),
+        Command::Ls => client::list(&g),
+        Command::Get { name } => client::get(&g, &name),
+        Command::Versions { name } => client::versions(&g, &name),
+        Command::Alias { cmd } => match cmd {
+            AliasCmd::Set {
+                name,
+                alias,
+                version,
+            } => client::alias_set(&g, &name, &alias, version),
+            AliasCmd::Ls { name } => client::alias_ls(&g, &name),
+        },
+        Command::Rollback { name, alias } => client::rollback(&g, &name, &alias),
+        Command::Rm { name } => client::remove(&g, &name),
+        Command::Routes => client::routes(&g),
+        Command::Init(args) => init::run(&args),
+        Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
+    }
+}

@@ -77,7 +77,7 @@ impl ApiError {
     }
 
     pub fn from_artifacts(e: nimbus_artifacts::Error) -> ApiError {
-        if e.is_client_error() {
+        if e.is_invalid_input() {
             ApiError::InvalidArchive(e.to_string())
         } else {
             ApiError::Storage(e.to_string())

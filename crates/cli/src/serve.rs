@@ -1,0 +1,287 @@
+//! `nimbus serve`: wires store, artifacts, sandbox, worker, control API and gateway
+//! into one server, and owns its start-up and graceful shutdown.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use nimbus_core::routes::RouteTable;
+use nimbus_core::Invoker;
+use tokio::sync::watch;
+
+use crate::Global;
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Address for the control API and the gateway (port 0 picks a free port).
+    #[arg(long, env = "NIMBUS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Run functions without namespaces and cgroups. Unsafe: only for hosts that
+    /// cannot isolate (no root), and only with trusted code.
+    #[arg(long)]
+    pub insecure_no_sandbox: bool,
+    /// Map a runtime name to an interpreter, e.g. python3=/usr/bin/python3.11 (repeatable).
+    #[arg(long = "interpreter", value_name = "NAME=PATH", env = "NIMBUS_INTERPRETERS", value_delimiter = ',')]
+    pub interpreters: Vec<String>,
+    /// Name of the cgroup under which instances are created.
+    #[arg(long, env = "NIMBUS_CGROUP_PARENT", default_value = "nimbus")]
+    pub cgroup_parent: String,
+    /// Deploy these function folders once the server is up (repeatable).
+    #[arg(long = "deploy", value_name = "DIR")]
+    pub deploy: Vec<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "NIMBUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+pub fn run(args: ServeArgs, g: &Global) -> anyhow::Result<ExitCode> {
+    init_tracing(&args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start async runtime")?;
+    runtime.block_on(serve(args, g.clone()))
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
+    let data_dir = g.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("create data dir {}", data_dir.display()))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("resolve data dir {}", data_dir.display()))?;
+    let token = admin_token(&data_dir)?;
+
+    let store = Arc::new(
+        nimbus_store::Store::open(&data_dir.join("state.db")).context("open state database")?,
+    );
+    let artifacts = Arc::new(
+        nimbus_artifacts::ArtifactStore::open(&data_dir.join("artifacts"))
+            .context("open artifact store")?,
+    );
+
+    if args.insecure_no_sandbox {
+        eprintln!(
+            "WARNING: --insecure-no-sandbox: functions run WITHOUT isolation (no namespaces, no cgroups). Never use this with untrusted code."
+        );
+    }
+    let host = nimbus_sandbox::Host::detect(nimbus_sandbox::HostConfig {
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        init_exe: std::env::current_exe().context("locate the nimbus binary")?,
+        insecure_no_sandbox: args.insecure_no_sandbox,
+        parent: args.cgroup_parent.clone(),
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot isolate functions on this host: {e}; run as root on Linux, or start with --insecure-no-sandbox to run trusted code without isolation"
+        )
+    })?;
+    let host = Arc::new(host);
+
+    let interpreters = resolve_interpreters(&args.interpreters)?;
+    let worker = nimbus_worker::Worker::new(
+        nimbus_worker::WorkerConfig {
+            runtime_dir: data_dir.join("runtimes"),
+            interpreters,
+            region: std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into()),
+            log_limit: nimbus_worker::DEFAULT_LOG_LIMIT,
+            queue_timeout: Duration::from_secs(2),
+            init_timeout: Duration::from_secs(10),
+        },
+        Arc::clone(&store),
+        Arc::clone(&artifacts),
+        host,
+    )
+    .context("start worker")?;
+    let worker = Arc::new(worker);
+    let reaper = worker.spawn_reaper();
+    let invoker: Arc<dyn Invoker> = worker.clone();
+
+    let routes_rx = spawn_route_feed(Arc::clone(&store)).await?;
+
+    let control = nimbus_control::router(Arc::new(nimbus_control::ControlState {
+        store: Arc::clone(&store),
+        artifacts: Arc::clone(&artifacts),
+        invoker: Arc::clone(&invoker),
+        admin_token_sha256: nimbus_control::token_digest(&token),
+        unpack_limits: nimbus_artifacts::Limits::default(),
+        max_payload: nimbus_core::MAX_PAYLOAD_BYTES,
+    }));
+    let gateway = nimbus_gateway::router(nimbus_gateway::GatewayState {
+        routes: routes_rx,
+        invoker: Arc::clone(&invoker),
+        max_body: nimbus_core::MAX_PAYLOAD_BYTES,
+    });
+    let app = control
+        .route("/health", axum::routing::get(|| async { "ok\n" }))
+        .fallback_service(gateway);
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let addr = listener.local_addr().context("read listen address")?;
+    println!("nimbus listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
+
+    if !args.deploy.is_empty() {
+        let mut g2 = g.clone();
+        g2.server = format!("http://{addr}");
+        g2.token = Some(token.clone());
+        let dirs = args.deploy.clone();
+        tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                match crate::client::deploy_dir(&g2, &dir, false, false) {
+                    Ok(resp) => crate::client::print_deploy(&resp),
+                    Err(e) => eprintln!("error: deploy {}: {}", dir.display(), crate::one_line(&e)),
+                }
+            }
+        });
+    }
+
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serve HTTP")?;
+
+    tracing::info!("draining done; stopping instances");
+    worker.shutdown().await;
+    reaper.abort();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining in-flight requests"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining in-flight requests"),
+    }
+}
+
+/// Turns the store's change counter into route-table snapshots for the gateway.
+async fn spawn_route_feed(
+    store: Arc<nimbus_store::Store>,
+) -> anyhow::Result<watch::Receiver<Arc<RouteTable>>> {
+    let build = |store: &nimbus_store::Store| -> anyhow::Result<RouteTable> {
+        let routes = store.routes().context("load routes")?;
+        RouteTable::build(routes).context("build route table")
+    };
+    let initial = build(&store)?;
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    let mut changes = store.subscribe();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let s = Arc::clone(&store);
+            match tokio::task::spawn_blocking(move || build(&s)).await {
+                Ok(Ok(table)) => {
+                    let _ = tx.send(Arc::new(table));
+                }
+                Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "route table rebuild failed"),
+                Err(e) => tracing::error!(error = %e, "route table rebuild panicked"),
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The admin token: made once, kept in the data dir readable by its owner only.
+fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    }
+    use rand::RngCore;
+    let mut raw = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let token: String = std::iter::once("nmb_".to_string())
+        .chain(raw.iter().map(|b| format!("{b:02x}")))
+        .collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(token.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(token)
+}
+
+/// Finds the real interpreters once: `python3` on PATH may be a slow shim (pyenv).
+fn resolve_interpreters(overrides: &[String]) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let mut map = BTreeMap::new();
+    if let Some(py) = real_python() {
+        map.insert("python3".to_string(), py);
+    }
+    if let Some(node) = find_on_path("node") {
+        map.insert("node".to_string(), node);
+    }
+    for o in overrides.iter().filter(|o| !o.is_empty()) {
+        let Some((name, path)) = o.split_once('=') else {
+            bail!("--interpreter `{o}` must be NAME=PATH");
+        };
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("--interpreter {name}: {} does not exist", path.display());
+        }
+        map.insert(name.to_string(), path);
+    }
+    for (name, path) in &map {
+        tracing::info!(runtime = %name, interpreter = %path.display(), "runtime");
+    }
+    Ok(map)
+}
+
+fn real_python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NIMBUS_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    path.is_file().then_some(path)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .and_then(|p| p.canonicalize().ok())
+}
