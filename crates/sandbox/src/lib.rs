@@ -1,1 +1,79 @@
-//! placeholder
+//! nimbus-sandbox: Linux isolation of one function instance process.
+//!
+//! Owns: start-up detection of what the host can do (privileges, cgroup v1/v2 layout),
+//! per-instance cgroups (memory without swap, pids, CPU quota) and their accounting,
+//! the `__sandbox-init` child side (namespaces: mount, pid, net with only `lo`, ipc, uts;
+//! fresh `/proc`; rlimits; exec), killing and reaping instances, and the `X` frame that
+//! reports a failed setup on the control fd. Later isolation steps (pivot_root rootfs,
+//! uid drop, seccomp, capabilities, egress networking) grow [`Isolation`] and add steps
+//! to `init`; they must keep the fail-closed rule: any failed step means the program
+//! never runs.
+//!
+//! Must not touch: tokio or any async runtime (init runs before one exists, and forks),
+//! the instance protocol beyond the `X` frame (the worker owns it), config files, env
+//! or flags (the CLI builds [`HostConfig`]).
+//!
+//! Process model: the host spawns `<init_exe> __sandbox-init` with stdin `/dev/null`,
+//! stdout and stderr on one pipe, fd 3 a Unix stream socket, and the spec as JSON in
+//! `NIMBUS_SANDBOX_SPEC` (see `spec::InitSpec`). Init joins the instance's cgroups,
+//! unshares namespaces, forks the program as pid 1 of the new pid namespace and waits
+//! for it, exiting with its status (128+signo when it was killed by a signal).
+
+mod cgroup;
+mod host;
+mod init;
+mod mountinfo;
+mod spec;
+
+use std::path::PathBuf;
+
+pub use host::{Host, HostConfig, Instance};
+pub use init::{CONTROL_FD, INIT_ARG, SETUP_FAILED_EXIT, init_main};
+pub use spec::{InstanceSpec, Isolation, Limits, SPEC_ENV};
+
+/// Which cgroup hierarchy the host uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// Per-controller hierarchies (including hybrid hosts, whose controllers are on v1).
+    V1,
+    /// The unified hierarchy mounted at the configured cgroup root.
+    V2,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("detect sandbox support: {0}")]
+    Detect(String),
+    #[error("read {path}: {source}")]
+    ReadProc {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("read cgroup file {path}: {source}")]
+    ReadCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("create cgroup {path}: {source}")]
+    CreateCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("write cgroup file {path}: {source}")]
+    WriteCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid instance spec: {0}")]
+    ValidateSpec(String),
+    #[error("encode init spec: {0}")]
+    EncodeSpec(serde_json::Error),
+    #[error("create control socket pair: {0}")]
+    CreateSocketPair(std::io::Error),
+    #[error("create output pipe: {0}")]
+    CreatePipe(std::io::Error),
+    #[error("spawn sandbox init: {0}")]
+    Spawn(std::io::Error),
+    #[error("wait for sandbox init: {0}")]
+    Wait(std::io::Error),
+}

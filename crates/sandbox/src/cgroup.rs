@@ -1,0 +1,599 @@
+//! Per-instance cgroups: creation with limits, killing everything inside, usage figures,
+//! removal. All paths come from a [`Layout`] built from a caller-given root, so the logic
+//! runs against a temp dir in unit tests (plain files stand in for cgroupfs).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::Error;
+use crate::mountinfo::Layout;
+use crate::spec::{CPU_PERIOD_US, Limits};
+
+const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+fn write(path: &Path, value: &str) -> Result<(), Error> {
+    fs::write(path, value).map_err(|source| Error::WriteCgroup {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), Error> {
+    fs::create_dir(path).map_err(|source| Error::CreateCgroup {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Creates the shared parent cgroup(s) (idempotent) and returns their directories.
+/// On v2 it also delegates memory, pids and cpu to the parent's children.
+pub(crate) fn create_parent(layout: &Layout, parent: &str) -> Result<Vec<PathBuf>, Error> {
+    match layout {
+        Layout::V1 {
+            memory,
+            pids,
+            cpu,
+            cpuacct,
+            freezer,
+        } => {
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            for h in [
+                Some(memory),
+                Some(pids),
+                Some(cpu),
+                Some(cpuacct),
+                freezer.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let dir = h.base.join(parent);
+                if !dirs.contains(&dir) {
+                    mkdir_all(&dir)?;
+                    dirs.push(dir);
+                }
+            }
+            Ok(dirs)
+        }
+        Layout::V2 { root } => {
+            let available =
+                fs::read_to_string(root.join("cgroup.controllers")).map_err(|source| {
+                    Error::ReadCgroup {
+                        path: root.join("cgroup.controllers"),
+                        source,
+                    }
+                })?;
+            let available: Vec<&str> = available.split_whitespace().collect();
+            for c in V2_CONTROLLERS {
+                if !available.contains(&c) {
+                    return Err(Error::Detect(format!(
+                        "cgroup v2 controller {c} is not available at {}",
+                        root.display()
+                    )));
+                }
+            }
+            let dir = root.join(parent);
+            mkdir_all(&dir)?;
+            for at in [root.as_path(), dir.as_path()] {
+                for c in V2_CONTROLLERS {
+                    write(&at.join("cgroup.subtree_control"), &format!("+{c}"))?;
+                }
+            }
+            Ok(vec![dir])
+        }
+    }
+}
+
+fn mkdir_all(dir: &Path) -> Result<(), Error> {
+    fs::create_dir_all(dir).map_err(|source| Error::CreateCgroup {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Removes the parent dirs if nothing is left in them; silently keeps them otherwise
+/// (another host in the same process tree may still use them).
+pub(crate) fn remove_parent(dirs: &[PathBuf]) {
+    for d in dirs {
+        let _ = fs::remove_dir(d);
+    }
+}
+
+#[derive(Debug)]
+enum Dirs {
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: PathBuf,
+        cpuacct: PathBuf,
+        freezer: Option<PathBuf>,
+    },
+    V2 {
+        dir: PathBuf,
+    },
+}
+
+/// The cgroup directories of one instance (one per v1 hierarchy, or one on v2).
+#[derive(Debug)]
+pub(crate) struct InstanceCgroup {
+    dirs: Dirs,
+    /// Every distinct directory, in creation order.
+    all: Vec<PathBuf>,
+}
+
+impl InstanceCgroup {
+    /// Creates the instance's directories under `parent` and writes every limit; any
+    /// failure removes what was created and fails (limits are never silently missing).
+    pub(crate) fn create(
+        layout: &Layout,
+        parent: &str,
+        id: &str,
+        limits: &Limits,
+    ) -> Result<InstanceCgroup, Error> {
+        let mut all: Vec<PathBuf> = Vec::new();
+        let mut make = |base: &Path| -> Result<PathBuf, Error> {
+            let dir = base.join(parent).join(id);
+            if !all.contains(&dir) {
+                mkdir(&dir)?;
+                all.push(dir.clone());
+            }
+            Ok(dir)
+        };
+        let made = match layout {
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+                freezer,
+            } => (|| {
+                Ok(Dirs::V1 {
+                    memory: make(&memory.base)?,
+                    pids: make(&pids.base)?,
+                    cpu: make(&cpu.base)?,
+                    cpuacct: make(&cpuacct.base)?,
+                    freezer: match freezer {
+                        Some(f) => Some(make(&f.base)?),
+                        None => None,
+                    },
+                })
+            })(),
+            Layout::V2 { root } => make(root).map(|dir| Dirs::V2 { dir }),
+        };
+        let cg = match made {
+            Ok(dirs) => InstanceCgroup { dirs, all },
+            Err(e) => {
+                for d in all.iter().rev() {
+                    let _ = fs::remove_dir(d);
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = cg.write_limits(limits) {
+            cg.remove(Duration::from_millis(200));
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn write_limits(&self, limits: &Limits) -> Result<(), Error> {
+        let mem = limits.memory_bytes().to_string();
+        match &self.dirs {
+            Dirs::V1 {
+                memory, pids, cpu, ..
+            } => {
+                write(&memory.join("memory.limit_in_bytes"), &mem)?;
+                // memsw must be >= limit_in_bytes, so it is written second; equal means
+                // no swap on top of the memory limit.
+                let memsw = memory.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &mem)?;
+                }
+                write(&pids.join("pids.max"), &limits.pids_max.to_string())?;
+                write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(
+                    &cpu.join("cpu.cfs_quota_us"),
+                    &limits.cpu_quota_us().to_string(),
+                )?;
+            }
+            Dirs::V2 { dir } => {
+                write(&dir.join("memory.max"), &mem)?;
+                let swap = dir.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+                write(&dir.join("pids.max"), &limits.pids_max.to_string())?;
+                write(
+                    &dir.join("cpu.max"),
+                    &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us()),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn dirs(&self) -> &[PathBuf] {
+        &self.all
+    }
+
+    /// The `cgroup.procs` files init must join.
+    pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
+        self.all.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Every pid in any of the instance's cgroups (a process that failed half-way
+    /// through joining may be in some only).
+    pub(crate) fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = Vec::new();
+        for f in self.procs_files() {
+            if let Ok(text) = fs::read_to_string(&f) {
+                for p in text
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    if p > 0 && !pids.contains(&p) {
+                        pids.push(p);
+                    }
+                }
+            }
+        }
+        pids
+    }
+
+    /// SIGKILLs every process in the cgroup except `spare`, under a freeze when the host
+    /// has one, so nothing can fork or exit (and have its pid reused) in between.
+    pub(crate) fn kill_all_except(&self, spare: Option<i32>) {
+        let frozen = self.freeze(true);
+        for _ in 0..if frozen { 1 } else { 20 } {
+            let pids: Vec<i32> = self
+                .pids()
+                .into_iter()
+                .filter(|p| Some(*p) != spare)
+                .collect();
+            if pids.is_empty() {
+                break;
+            }
+            for p in pids {
+                sigkill(p);
+            }
+        }
+        // Thaw even when the freeze did not settle: a half-frozen cgroup must not stay so.
+        self.freeze(false);
+    }
+
+    /// Kills everything, `cgroup.kill` on v2 when the kernel has it.
+    pub(crate) fn kill_all(&self) {
+        if let Dirs::V2 { dir } = &self.dirs {
+            let kill = dir.join("cgroup.kill");
+            if kill.exists() && fs::write(&kill, "1").is_ok() {
+                return;
+            }
+        }
+        self.kill_all_except(None);
+    }
+
+    /// Freezes (or thaws) and waits briefly for the state to settle. Returns whether the
+    /// cgroup is now frozen; false when the host has no freezer.
+    fn freeze(&self, on: bool) -> bool {
+        let (ctl, value, state, settled): (PathBuf, &str, PathBuf, Settled) = match &self.dirs {
+            Dirs::V1 {
+                freezer: Some(f), ..
+            } => (
+                f.join("freezer.state"),
+                if on { "FROZEN" } else { "THAWED" },
+                f.join("freezer.state"),
+                |s, on| s.trim() == if on { "FROZEN" } else { "THAWED" },
+            ),
+            Dirs::V2 { dir } if dir.join("cgroup.freeze").exists() => (
+                dir.join("cgroup.freeze"),
+                if on { "1" } else { "0" },
+                dir.join("cgroup.events"),
+                |s, on| keyed_value(s, "frozen") == Some(u64::from(on)),
+            ),
+            _ => return false,
+        };
+        if fs::write(&ctl, value).is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            match fs::read_to_string(&state) {
+                Ok(s) if settled(&s, on) => return on,
+                Ok(_) if Instant::now() < deadline => sleep(Duration::from_micros(500)),
+                // Unsettled: when freezing, report "not frozen" so callers retry kills.
+                _ => return false,
+            }
+        }
+    }
+
+    /// rmdir every directory, retrying while tasks are still leaving. Returns true when
+    /// all are gone.
+    pub(crate) fn remove(&self, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        let mut all_gone = true;
+        for d in self.all.iter().rev() {
+            loop {
+                match fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(_) if Instant::now() < deadline => {
+                        // Whatever is still inside is killed again: a late fork may have
+                        // slipped past the first kill.
+                        self.kill_all_except(None);
+                        sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %d.display(), error = %e, "cgroup left behind");
+                        all_gone = false;
+                        break;
+                    }
+                }
+            }
+        }
+        all_gone
+    }
+
+    pub(crate) fn oom_killed(&self) -> bool {
+        match &self.dirs {
+            Dirs::V1 { memory, .. } => {
+                match read(&memory.join("memory.oom_control"))
+                    .and_then(|s| keyed_value(&s, "oom_kill"))
+                {
+                    Some(n) => n > 0,
+                    // Kernels before 4.13 have no oom_kill counter: a hit limit is the
+                    // best evidence left; the caller pairs it with a SIGKILL exit.
+                    None => read_u64(&memory.join("memory.failcnt")).is_some_and(|n| n > 0),
+                }
+            }
+            Dirs::V2 { dir } => read(&dir.join("memory.events"))
+                .and_then(|s| keyed_value(&s, "oom_kill"))
+                .is_some_and(|n| n > 0),
+        }
+    }
+
+    /// Whether `oom_killed` had to fall back to `memory.failcnt` (v1, old kernels).
+    pub(crate) fn oom_needs_sigkill_evidence(&self) -> bool {
+        match &self.dirs {
+            Dirs::V1 { memory, .. } => read(&memory.join("memory.oom_control"))
+                .and_then(|s| keyed_value(&s, "oom_kill"))
+                .is_none(),
+            Dirs::V2 { .. } => false,
+        }
+    }
+
+    pub(crate) fn memory_peak_bytes(&self) -> Option<u64> {
+        match &self.dirs {
+            Dirs::V1 { memory, .. } => read_u64(&memory.join("memory.max_usage_in_bytes")),
+            Dirs::V2 { dir } => {
+                read_u64(&dir.join("memory.peak")).or_else(|| read_u64(&dir.join("memory.current")))
+            }
+        }
+    }
+
+    pub(crate) fn memory_current_bytes(&self) -> Option<u64> {
+        match &self.dirs {
+            Dirs::V1 { memory, .. } => read_u64(&memory.join("memory.usage_in_bytes")),
+            Dirs::V2 { dir } => read_u64(&dir.join("memory.current")),
+        }
+    }
+
+    pub(crate) fn cpu_usage_ns(&self) -> Option<u64> {
+        match &self.dirs {
+            Dirs::V1 { cpuacct, .. } => read_u64(&cpuacct.join("cpuacct.usage")),
+            Dirs::V2 { dir } => read(&dir.join("cpu.stat"))
+                .and_then(|s| keyed_value(&s, "usage_usec"))
+                .map(|us| us.saturating_mul(1000)),
+        }
+    }
+}
+
+/// Whether a freezer state file's text shows the requested state (frozen = true).
+type Settled = fn(&str, bool) -> bool;
+
+fn sigkill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+fn read(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok()
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    read(path)?.trim().parse().ok()
+}
+
+/// The value of `key` in flat-keyed cgroup files (`key value` per line).
+pub(crate) fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == key).then_some(())?;
+        it.next()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mountinfo::V1Hierarchy;
+
+    fn v1_layout(root: &Path, freezer: bool) -> Layout {
+        let h = |name: &str| {
+            let base = root.join(name);
+            fs::create_dir_all(&base).expect("mkdir");
+            V1Hierarchy {
+                controllers: vec![name.to_string()],
+                base,
+            }
+        };
+        Layout::V1 {
+            memory: h("memory"),
+            pids: h("pids"),
+            cpu: h("cpu,cpuacct"),
+            cpuacct: h("cpu,cpuacct"),
+            freezer: freezer.then(|| h("freezer")),
+        }
+    }
+
+    fn text(p: PathBuf) -> String {
+        fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+    }
+
+    #[test]
+    fn v1_creates_dirs_and_writes_limits() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), true);
+        let parents = create_parent(&layout, "nb").expect("parent");
+        // cpu and cpuacct are co-mounted: one directory serves both.
+        assert_eq!(parents.len(), 4);
+        let limits = Limits::for_memory(256);
+        let cg = InstanceCgroup::create(&layout, "nb", "i1", &limits).expect("create");
+        let mem = tmp.path().join("memory/nb/i1");
+        assert_eq!(
+            text(mem.join("memory.limit_in_bytes")),
+            (256u64 << 20).to_string()
+        );
+        assert!(!mem.join("memory.memsw.limit_in_bytes").exists());
+        assert_eq!(text(tmp.path().join("pids/nb/i1/pids.max")), "64");
+        let cpu = tmp.path().join("cpu,cpuacct/nb/i1");
+        assert_eq!(text(cpu.join("cpu.cfs_period_us")), "100000");
+        assert_eq!(text(cpu.join("cpu.cfs_quota_us")), "14400");
+        assert_eq!(cg.procs_files().len(), 4);
+        assert!(
+            cg.procs_files()
+                .contains(&tmp.path().join("freezer/nb/i1/cgroup.procs"))
+        );
+
+        // Same id twice is refused: ids name live cgroups.
+        assert!(matches!(
+            InstanceCgroup::create(&layout, "nb", "i1", &limits),
+            Err(Error::CreateCgroup { .. })
+        ));
+
+        fs::write(cpu.join("cpuacct.usage"), "12345\n").expect("write");
+        assert_eq!(cg.cpu_usage_ns(), Some(12345));
+        fs::write(mem.join("memory.max_usage_in_bytes"), "999\n").expect("write");
+        assert_eq!(cg.memory_peak_bytes(), Some(999));
+        fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        )
+        .expect("write");
+        assert!(!cg.oom_killed());
+        fs::write(
+            mem.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .expect("write");
+        assert!(cg.oom_killed());
+        assert!(!cg.oom_needs_sigkill_evidence());
+    }
+
+    #[test]
+    fn v1_limit_write_failure_fails_and_cleans_up() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), false);
+        create_parent(&layout, "nb").expect("parent");
+        // A directory where the limit file should be makes the write fail.
+        fs::create_dir_all(tmp.path().join("pids/nb")).expect("mkdir");
+        let blocker = tmp.path().join("pids/nb/i2/pids.max");
+        // Pre-create the instance dir only for pids to force the create path to fail
+        // on mkdir instead: both are "fail closed" and must leave nothing behind.
+        fs::create_dir_all(&blocker).expect("mkdir");
+        let r = InstanceCgroup::create(&layout, "nb", "i2", &Limits::default());
+        assert!(matches!(r, Err(Error::CreateCgroup { .. })), "{r:?}");
+        assert!(!tmp.path().join("memory/nb/i2").exists());
+    }
+
+    #[test]
+    fn v1_write_failure_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), false);
+        create_parent(&layout, "nb").expect("parent");
+        let cg = InstanceCgroup::create(&layout, "nb", "i3", &Limits::default()).expect("create");
+        // Turn the memsw file into a directory: "present but unwritable".
+        let memsw = tmp.path().join("memory/nb/i3/memory.memsw.limit_in_bytes");
+        fs::create_dir(&memsw).expect("mkdir");
+        assert!(matches!(
+            cg.write_limits(&Limits::default()),
+            Err(Error::WriteCgroup { path, .. }) if path == memsw
+        ));
+    }
+
+    #[test]
+    fn v2_delegates_controllers_and_writes_limits() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().to_path_buf();
+        fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .expect("w");
+        let layout = Layout::V2 { root: root.clone() };
+        let parents = create_parent(&layout, "nb").expect("parent");
+        assert_eq!(parents, vec![root.join("nb")]);
+        // The last write wins in a plain file; cgroupfs accumulates them.
+        assert_eq!(text(root.join("nb/cgroup.subtree_control")), "+cpu");
+        let cg =
+            InstanceCgroup::create(&layout, "nb", "x", &Limits::for_memory(1769)).expect("create");
+        let dir = root.join("nb/x");
+        assert_eq!(text(dir.join("memory.max")), (1769u64 << 20).to_string());
+        assert_eq!(text(dir.join("pids.max")), "64");
+        assert_eq!(text(dir.join("cpu.max")), "100000 100000");
+        assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
+        fs::write(dir.join("cpu.stat"), "usage_usec 7\nuser_usec 5\n").expect("w");
+        assert_eq!(cg.cpu_usage_ns(), Some(7000));
+        fs::write(dir.join("memory.current"), "42").expect("w");
+        assert_eq!(cg.memory_peak_bytes(), Some(42));
+        fs::write(dir.join("memory.peak"), "43").expect("w");
+        assert_eq!(cg.memory_peak_bytes(), Some(43));
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .expect("w");
+        assert!(cg.oom_killed());
+    }
+
+    #[test]
+    fn v2_missing_controller_fails_detect() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fs::write(tmp.path().join("cgroup.controllers"), "cpu io\n").expect("w");
+        let layout = Layout::V2 {
+            root: tmp.path().to_path_buf(),
+        };
+        assert!(
+            matches!(create_parent(&layout, "nb"), Err(Error::Detect(m)) if m.contains("memory"))
+        );
+    }
+
+    #[test]
+    fn removes_empty_dirs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), false);
+        create_parent(&layout, "nb").expect("parent");
+        let cg = InstanceCgroup::create(&layout, "nb", "r", &Limits::default()).expect("create");
+        // rmdir on a plain dir with files fails like a populated cgroup does: the
+        // remover must give up after its patience, not hang.
+        assert!(!cg.remove(Duration::from_millis(20)));
+        for d in cg.dirs() {
+            for f in fs::read_dir(d).expect("ls") {
+                fs::remove_file(f.expect("entry").path()).expect("rm");
+            }
+        }
+        assert!(cg.remove(Duration::from_millis(20)));
+        assert!(!tmp.path().join("memory/nb/r").exists());
+    }
+
+    #[test]
+    fn keyed_values() {
+        assert_eq!(keyed_value("a 1\noom_kill 5\n", "oom_kill"), Some(5));
+        assert_eq!(keyed_value("oom_kill_disable 0\n", "oom_kill"), None);
+        assert_eq!(keyed_value("oom_kill x\n", "oom_kill"), None);
+    }
+}

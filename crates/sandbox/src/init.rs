@@ -1,0 +1,432 @@
+//! The child side: `<binary> __sandbox-init`, started by [`crate::Host::spawn`].
+//!
+//! Runs before any async runtime exists and stays single-threaded, which is what makes
+//! `fork` here sound. Every step fails closed: on error it sends one `X` frame on fd 3
+//! and exits 125 without running the program.
+//!
+//! ```text
+//! outer init (host pid ns)         inner (pid 1 of the new pid ns)
+//!   join cgroups                     make / private, mount /proc, restore oom_score_adj
+//!   unshare(NS|PID|NET|IPC|UTS)      hostname, lo up, rlimits, chdir
+//!   fork ───────────────────────────> execve(program)
+//!   wait, forward TERM/INT, exit with the child's status (128+signo when signalled)
+//! ```
+
+use std::ffi::CString;
+use std::fmt::Display;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::errno::Errno;
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigaction};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, chdir, execve, fork, sethostname};
+
+use crate::spec::{InitSpec, SPEC_ENV};
+
+/// The hidden subcommand that must dispatch to [`init_main`] before any runtime starts.
+pub const INIT_ARG: &str = "__sandbox-init";
+
+/// The control channel's fd in the instance (docs/runtime-protocol.md).
+pub const CONTROL_FD: i32 = 3;
+
+/// Exit status of init when the sandbox could not be set up (the `X` frame says why).
+pub const SETUP_FAILED_EXIT: i32 = 125;
+
+/// A failed step: `"<step>: <error>"` is what the host sees.
+struct Failure(String);
+
+fn step<T, E: Display>(name: &str, r: Result<T, E>) -> Result<T, Failure> {
+    r.map_err(|e| Failure(format!("{name}: {e}")))
+}
+
+/// Entry point of `__sandbox-init`. Never returns: it becomes the program (exec) or exits.
+pub fn init_main() -> ! {
+    let code = match run() {
+        Ok(code) => code,
+        Err(Failure(msg)) => {
+            report_failure(&msg);
+            SETUP_FAILED_EXIT
+        }
+    };
+    std::process::exit(code)
+}
+
+fn run() -> Result<i32, Failure> {
+    // SAFETY: fcntl(F_GETFD) on an fd number only queries the descriptor table.
+    if unsafe { libc::fcntl(CONTROL_FD, libc::F_GETFD) } < 0 {
+        return Err(Failure("check control fd: fd 3 is not open".into()));
+    }
+    let raw = step("read spec", std::env::var(SPEC_ENV))?;
+    let spec: InitSpec = step("parse spec", serde_json::from_str(&raw))?;
+    let exec = step("prepare exec", Exec::new(&spec))?;
+    step("close inherited fds", cloexec_from(CONTROL_FD + 1))?;
+
+    if !spec.namespaces {
+        // insecure_no_sandbox: a plain process with rlimits, no isolation at all.
+        if spec.probe {
+            return Ok(0);
+        }
+        return Err(exec.run(&spec));
+    }
+
+    for procs in &spec.cgroup_procs {
+        let pid = std::process::id().to_string();
+        step(
+            &format!("join cgroup {}", procs.display()),
+            std::fs::write(procs, pid),
+        )?;
+    }
+
+    // The memory cgroup's OOM killer must pick the function, never this supervisor (whose
+    // death would hide the exit status); the child restores the original value.
+    let oom_adj = std::fs::read_to_string("/proc/self/oom_score_adj").ok();
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+
+    step(
+        "unshare",
+        unshare(
+            CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWPID
+                | CloneFlags::CLONE_NEWNET
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWUTS,
+        ),
+    )?;
+
+    // Block the forwarded signals across fork so one arriving before CHILD is set is
+    // delivered (and forwarded) after, not lost.
+    let mut forwarded = SigSet::empty();
+    forwarded.add(Signal::SIGTERM);
+    forwarded.add(Signal::SIGINT);
+    let mut old_mask = SigSet::empty();
+    step(
+        "block signals",
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded), Some(&mut old_mask)),
+    )?;
+    let forward = SigAction::new(
+        SigHandler::Handler(forward_signal),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: forward_signal only loads an atomic and calls kill(2), both
+        // async-signal-safe.
+        step("install signal forwarding", unsafe {
+            sigaction(sig, &forward)
+        })?;
+    }
+
+    // SAFETY: init is single-threaded (no runtime, no helper threads), so the child may
+    // allocate and run arbitrary code after fork.
+    match step("fork", unsafe { fork() })? {
+        ForkResult::Child => {
+            let Failure(msg) = inner(&spec, &exec, &old_mask, oom_adj.as_deref());
+            report_failure(&msg);
+            // SAFETY: _exit skips atexit handlers and stdio flushing that belong to the
+            // parent's copy of this process.
+            unsafe { libc::_exit(SETUP_FAILED_EXIT) }
+        }
+        ForkResult::Parent { child } => {
+            CHILD.store(child.as_raw(), Ordering::SeqCst);
+            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+            // The supervisor has nothing more to say on the control channel; holding it
+            // would keep the host from seeing EOF when the program closes it.
+            let _ = nix::unistd::close(CONTROL_FD);
+            Ok(supervise(child))
+        }
+    }
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe and takes plain integers.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+fn supervise(child: Pid) -> i32 {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            // ECHILD cannot happen for our own child; treat anything else as a crash.
+            Err(_) => return SETUP_FAILED_EXIT,
+        }
+    }
+}
+
+/// Pid 1 of the new namespaces. Only returns on failure.
+fn inner(spec: &InitSpec, exec: &Exec, old_mask: &SigSet, oom_adj: Option<&str>) -> Failure {
+    let r = (|| -> Result<(), Failure> {
+        // The supervisor is single-threaded, so "parent died" is exactly "supervisor died".
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+            return Err(Failure(format!(
+                "set parent death signal: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        step(
+            "make mounts private",
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            ),
+        )?;
+        step(
+            "mount /proc",
+            mount(
+                Some("proc"),
+                "/proc",
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            ),
+        )?;
+        if let Some(adj) = oom_adj {
+            step(
+                "restore oom_score_adj",
+                std::fs::write("/proc/self/oom_score_adj", adj.trim()),
+            )?;
+        }
+        step("set hostname", sethostname(&spec.hostname))?;
+        step("bring up lo", loopback_up())?;
+        for sig in [Signal::SIGTERM, Signal::SIGINT] {
+            // SAFETY: restoring the default disposition installs no handler.
+            step("reset signals", unsafe {
+                sigaction(
+                    sig,
+                    &SigAction::new(
+                        SigHandler::SigDfl,
+                        nix::sys::signal::SaFlags::empty(),
+                        SigSet::empty(),
+                    ),
+                )
+            })?;
+        }
+        step(
+            "restore signal mask",
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(old_mask), None),
+        )?;
+        Ok(())
+    })();
+    match r {
+        Ok(()) if spec.probe => {
+            // SAFETY: see the _exit in run(); the probe ends here successfully.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(()) => exec.run(spec),
+        Err(f) => f,
+    }
+}
+
+/// argv/envp prepared before fork so the child does no fallible conversions.
+struct Exec {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+impl Exec {
+    fn new(spec: &InitSpec) -> Result<Exec, std::ffi::NulError> {
+        let program = CString::new(spec.program.as_str())?;
+        let mut argv = vec![program.clone()];
+        for a in &spec.args {
+            argv.push(CString::new(a.as_str())?);
+        }
+        let envp = spec
+            .env
+            .iter()
+            .map(|(k, v)| CString::new(format!("{k}={v}")))
+            .collect::<Result<_, _>>()?;
+        Ok(Exec {
+            program,
+            argv,
+            envp,
+        })
+    }
+
+    /// rlimits, chdir, default SIGPIPE, execve. Only returns on failure.
+    fn run(&self, spec: &InitSpec) -> Failure {
+        let r = (|| -> Result<std::convert::Infallible, Failure> {
+            step("set RLIMIT_CORE", setrlimit(Resource::RLIMIT_CORE, 0, 0))?;
+            step(
+                "set RLIMIT_NOFILE",
+                setrlimit(Resource::RLIMIT_NOFILE, spec.nofile, spec.nofile),
+            )?;
+            step(
+                "set RLIMIT_FSIZE",
+                setrlimit(Resource::RLIMIT_FSIZE, spec.fsize_bytes, spec.fsize_bytes),
+            )?;
+            step(
+                &format!("chdir {}", spec.workdir),
+                chdir(spec.workdir.as_str()),
+            )?;
+            // Rust's runtime ignores SIGPIPE and an ignored disposition survives execve;
+            // the program must get the default every other process starts with.
+            // SAFETY: restoring the default disposition installs no handler.
+            step("reset SIGPIPE", unsafe {
+                nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl)
+            })?;
+            step(
+                &format!("execve {}", spec.program),
+                execve(&self.program, &self.argv, &self.envp),
+            )
+        })();
+        match r {
+            Err(f) => f,
+            Ok(never) => match never {},
+        }
+    }
+}
+
+/// Marks every fd >= `first` close-on-exec so only stdio and the control fd reach the
+/// program, whatever the host process leaked.
+fn cloexec_from(first: i32) -> std::io::Result<()> {
+    // SAFETY: close_range with CLOEXEC only sets flags on descriptors; no memory involved.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.11: walk /proc/self/fd instead.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= first)
+        .collect();
+    for fd in fds {
+        // SAFETY: setting FD_CLOEXEC on a (possibly already closed) descriptor number
+        // touches no memory; EBADF for the read_dir fd that is gone is fine.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+    Ok(())
+}
+
+/// `ip link set lo up`: the new net namespace has only `lo`, and it starts down.
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh descriptor we own exclusively.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into the ifreq we pass, which lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we pass, which lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The `X` frame of docs/runtime-protocol.md.
+pub(crate) fn setup_failed_frame(message: &str) -> Vec<u8> {
+    let payload = serde_json::json!({
+        "errorType": "Sandbox.SetupFailed",
+        "errorMessage": message,
+    })
+    .to_string();
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.push(b'X');
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload.as_bytes());
+    frame
+}
+
+fn report_failure(message: &str) {
+    eprintln!("nimbus sandbox: {message}");
+    let frame = setup_failed_frame(message);
+    // SAFETY: fd 3 is the control socket handed to us by the host (or not open, in which
+    // case write fails with EBADF and the exit status alone tells the story); it is
+    // only borrowed for the duration of the writes.
+    let fd = unsafe { BorrowedFd::borrow_raw(CONTROL_FD) };
+    let mut rest = &frame[..];
+    while !rest.is_empty() {
+        match nix::unistd::write(fd, rest) {
+            Ok(0) => break,
+            Ok(n) => rest = &rest[n..],
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn x_frame_layout() {
+        let f = setup_failed_frame("chdir /nope: ENOENT: No such file or directory");
+        assert_eq!(f[0], b'X');
+        let len = u32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize;
+        assert_eq!(len, f.len() - 5);
+        let v: serde_json::Value = serde_json::from_slice(&f[5..]).expect("json");
+        assert_eq!(v["errorType"], "Sandbox.SetupFailed");
+        assert_eq!(
+            v["errorMessage"],
+            "chdir /nope: ENOENT: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn exec_rejects_nul() {
+        let spec = InitSpec {
+            program: "/bin/true".into(),
+            args: vec!["a\0".into()],
+            env: vec![],
+            workdir: "/".into(),
+            nofile: 8,
+            fsize_bytes: 1,
+            cgroup_procs: vec![],
+            namespaces: true,
+            hostname: "h".into(),
+            probe: false,
+        };
+        assert!(Exec::new(&spec).is_err());
+        let ok = InitSpec {
+            args: vec!["x".into()],
+            env: vec![("K".into(), "V".into())],
+            ..spec
+        };
+        let e = Exec::new(&ok).expect("exec");
+        assert_eq!(e.argv.len(), 2);
+        assert_eq!(e.argv[0].to_str(), Ok("/bin/true"));
+        assert_eq!(e.envp[0].to_str(), Ok("K=V"));
+    }
+}
