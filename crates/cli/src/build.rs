@@ -6,6 +6,7 @@
 //! and the dependency files, so redeploying unchanged dependencies installs nothing and
 //! packs to the same archive (hence the same digest).
 
+use crate::client::human_bytes;
 use std::fmt;
 use std::fs;
 use std::io::{self, BufWriter, Seek, Write};
@@ -77,21 +78,6 @@ impl Prepared {
             human_bytes(self.archive_bytes),
             self.deps
         )
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 

@@ -101,7 +101,10 @@ impl Api {
         let status = resp.status();
         let bytes = resp.bytes().context("read response")?;
         if !status.is_success() {
-            bail!("{}", api_error_message(status, &bytes, self.token.is_some()));
+            bail!(
+                "{}",
+                api_error_message(status, &bytes, self.token.is_some())
+            );
         }
         serde_json::from_slice(&bytes).context("decode server response")
     }
@@ -112,7 +115,8 @@ fn api_error_message(status: reqwest::StatusCode, body: &[u8], had_token: bool) 
         return if had_token {
             "the server rejected the admin token (check NIMBUS_TOKEN or --data-dir)".into()
         } else {
-            "no admin token: set NIMBUS_TOKEN or point --data-dir at the server's data directory".into()
+            "no admin token: set NIMBUS_TOKEN or point --data-dir at the server's data directory"
+                .into()
         };
     }
     match serde_json::from_slice::<ErrorBody>(body) {
@@ -195,11 +199,11 @@ pub fn deploy_dir(
         cache_dir: cache_dir(),
     };
     let prepared = prepare(dir, &opts)?;
+    if chatty {
+        eprintln!("packed {}", prepared.summary());
+    }
     let size = prepared.archive_bytes;
-    let file = prepared
-        .archive
-        .reopen()
-        .context("reopen packed archive")?;
+    let file = prepared.archive.reopen().context("reopen packed archive")?;
     let body = if size > PROGRESS_THRESHOLD && chatty {
         let bar = indicatif::ProgressBar::new(size);
         bar.set_style(
@@ -273,7 +277,11 @@ fn read_event(data: Option<&str>) -> anyhow::Result<Vec<u8>> {
 pub fn invoke(g: &Global, args: &InvokeArgs) -> anyhow::Result<ExitCode> {
     let api = Api::new(g)?;
     let event = read_event(args.data.as_deref())?;
-    let mut path = format!("/v1/functions/{}/invoke?logs={}", enc(&args.name), args.logs);
+    let mut path = format!(
+        "/v1/functions/{}/invoke?logs={}",
+        enc(&args.name),
+        args.logs
+    );
     if let Some(v) = args.version {
         path.push_str(&format!("&version={v}"));
     }
@@ -362,8 +370,10 @@ pub fn list(g: &Global) -> anyhow::Result<ExitCode> {
 
 pub fn get(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
     let api = Api::new(g)?;
-    let f: FunctionDetail =
-        api.json(api.req(reqwest::Method::GET, &format!("/v1/functions/{}", enc(name))))?;
+    let f: FunctionDetail = api.json(api.req(
+        reqwest::Method::GET,
+        &format!("/v1/functions/{}", enc(name)),
+    ))?;
     if g.output == Output::Json {
         print_json(&f)?;
         return Ok(ExitCode::SUCCESS);
@@ -404,7 +414,9 @@ pub fn versions(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
         print_json(&vs)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = table(&["version", "aliases", "digest", "size", "runtime", "memory", "created"]);
+    let mut t = table(&[
+        "version", "aliases", "digest", "size", "runtime", "memory", "created",
+    ]);
     for v in vs {
         t.add_row(vec![
             v.version.to_string(),
@@ -472,7 +484,10 @@ pub fn rollback(g: &Global, name: &str, alias: &str) -> anyhow::Result<ExitCode>
     if g.output == Output::Json {
         print_json(&r)?;
     } else {
-        println!("{}: alias {} moved from {} back to {}", r.name, r.alias, r.from, r.to);
+        println!(
+            "{}: alias {} moved from {} back to {}",
+            r.name, r.alias, r.from, r.to
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -543,7 +558,8 @@ mod tests {
             "function `x` not found"
         );
         assert!(
-            api_error_message(reqwest::StatusCode::UNAUTHORIZED, b"", false).contains("NIMBUS_TOKEN")
+            api_error_message(reqwest::StatusCode::UNAUTHORIZED, b"", false)
+                .contains("NIMBUS_TOKEN")
         );
     }
 }

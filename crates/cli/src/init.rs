@@ -25,7 +25,10 @@ pub enum InitRuntime {
 
 pub fn run(args: &InitArgs) -> anyhow::Result<ExitCode> {
     nimbus_core::manifest::validate_name(&args.name).map_err(anyhow::Error::msg)?;
-    let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from(&args.name));
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&args.name));
     if dir.exists()
         && std::fs::read_dir(&dir)
             .with_context(|| format!("read {}", dir.display()))?
@@ -46,7 +49,10 @@ pub fn run(args: &InitArgs) -> anyhow::Result<ExitCode> {
     std::fs::write(dir.join("nimbus.toml"), manifest).context("write nimbus.toml")?;
     std::fs::write(dir.join(file), code).with_context(|| format!("write {file}"))?;
     println!("created {} ({runtime})", dir.display());
-    println!("next: nimbus deploy {} && nimbus invoke {name}", dir.display());
+    println!(
+        "next: nimbus deploy {} && nimbus invoke {name}",
+        dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

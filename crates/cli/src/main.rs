@@ -36,13 +36,23 @@ struct Cli {
 #[derive(Args, Clone)]
 pub struct Global {
     /// URL of the nimbus server.
-    #[arg(long, global = true, env = "NIMBUS_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "NIMBUS_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Admin token (default: read from <data-dir>/admin.token).
     #[arg(long, global = true, env = "NIMBUS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Data directory of the server (holds state and the admin token).
-    #[arg(long, global = true, env = "NIMBUS_DATA_DIR", default_value = ".nimbus")]
+    #[arg(
+        long,
+        global = true,
+        env = "NIMBUS_DATA_DIR",
+        default_value = ".nimbus"
+    )]
     pub data_dir: PathBuf,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
@@ -106,7 +116,10 @@ enum AliasCmd {
 
 fn main() -> ExitCode {
     // The sandbox child must not start threads or touch anything before isolating.
-    if std::env::args_os().nth(1).is_some_and(|a| a == nimbus_sandbox::INIT_ARG) {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == nimbus_sandbox::INIT_ARG)
+    {
         nimbus_sandbox::init_main();
     }
     let cli = match Cli::try_parse() {

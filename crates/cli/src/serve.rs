@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use nimbus_core::routes::RouteTable;
 use nimbus_core::Invoker;
+use nimbus_core::routes::RouteTable;
 use tokio::sync::watch;
 
 use crate::Global;
@@ -28,7 +28,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub insecure_no_sandbox: bool,
     /// Map a runtime name to an interpreter, e.g. python3=/usr/bin/python3.11 (repeatable).
-    #[arg(long = "interpreter", value_name = "NAME=PATH", env = "NIMBUS_INTERPRETERS", value_delimiter = ',')]
+    #[arg(
+        long = "interpreter",
+        value_name = "NAME=PATH",
+        env = "NIMBUS_INTERPRETERS",
+        value_delimiter = ','
+    )]
     pub interpreters: Vec<String>,
     /// Name of the cgroup under which instances are created.
     #[arg(long, env = "NIMBUS_CGROUP_PARENT", default_value = "nimbus")]
@@ -79,6 +84,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         nimbus_artifacts::ArtifactStore::open(&data_dir.join("artifacts"))
             .context("open artifact store")?,
     );
+    // Uploads cut off by a crash are garbage; nothing refers to them.
+    artifacts.clean_tmp().context("clean artifact upload dir")?;
 
     if args.insecure_no_sandbox {
         eprintln!(
@@ -87,6 +94,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     }
     let host = nimbus_sandbox::Host::detect(nimbus_sandbox::HostConfig {
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        proc_root: PathBuf::from("/proc"),
         init_exe: std::env::current_exe().context("locate the nimbus binary")?,
         insecure_no_sandbox: args.insecure_no_sandbox,
         parent: args.cgroup_parent.clone(),
@@ -206,7 +214,9 @@ async fn spawn_route_feed(
                 Ok(Ok(table)) => {
                     let _ = tx.send(Arc::new(table));
                 }
-                Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "route table rebuild failed"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "route table rebuild failed")
+                }
                 Err(e) => tracing::error!(error = %e, "route table rebuild panicked"),
             }
         }

@@ -23,7 +23,10 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{function} is throttled")]
-    Throttled { function: String, retry_after_s: u64 },
+    Throttled {
+        function: String,
+        retry_after_s: u64,
+    },
     #[error("the platform is shutting down")]
     Unavailable,
     /// Disk or database trouble: shown as a generic message, logged in full.
@@ -38,9 +41,9 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) | ApiError::InvalidManifest(_) | ApiError::InvalidArchive(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadRequest(_)
+            | ApiError::InvalidManifest(_)
+            | ApiError::InvalidArchive(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -107,7 +110,8 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %detail, "control API request failed");
         }
         let status = self.status();
-        let mut resp = (status, Json(ErrorBody::new(self.code(), self.to_string()))).into_response();
+        let mut resp =
+            (status, Json(ErrorBody::new(self.code(), self.to_string()))).into_response();
         if let ApiError::Throttled { retry_after_s, .. } = &self
             && let Ok(v) = retry_after_s.to_string().parse()
         {

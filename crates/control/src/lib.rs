@@ -55,7 +55,10 @@ pub fn token_digest(token: &str) -> [u8; 32] {
 pub fn router(state: Arc<ControlState>) -> Router {
     Router::new()
         .route("/v1/functions", get(list_functions).post(deploy))
-        .route("/v1/functions/{name}", get(get_function).delete(delete_function))
+        .route(
+            "/v1/functions/{name}",
+            get(get_function).delete(delete_function),
+        )
         .route("/v1/functions/{name}/versions", get(list_versions))
         .route("/v1/functions/{name}/aliases", get(list_aliases))
         .route("/v1/functions/{name}/aliases/{alias}", put(set_alias))
@@ -63,15 +66,14 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/routes", get(list_routes))
         .route("/v1/{*rest}", axum::routing::any(unknown_path))
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), require_admin))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_admin,
+        ))
         .with_state(state)
 }
 
-async fn require_admin(
-    State(st): State<Arc<ControlState>>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn require_admin(State(st): State<Arc<ControlState>>, req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -218,7 +220,10 @@ async fn list_functions(
                 .get_version(&f.name, shown)
                 .map_err(ApiError::from_store)?;
             out.push(FunctionSummary {
-                runtime: v.as_ref().map(|v| v.config.runtime_name.clone()).unwrap_or_default(),
+                runtime: v
+                    .as_ref()
+                    .map(|v| v.config.runtime_name.clone())
+                    .unwrap_or_default(),
                 memory_mb: v.as_ref().map(|v| v.config.memory_mb).unwrap_or_default(),
                 name: f.name,
                 live_version: f.live_version,
@@ -283,8 +288,8 @@ async fn delete_function(
 ) -> Result<Response, ApiError> {
     let st2 = Arc::clone(&st);
     let n = name.clone();
-    let unused = blocking(move || st2.store.delete_function(&n).map_err(ApiError::from_store))
-        .await?;
+    let unused =
+        blocking(move || st2.store.delete_function(&n).map_err(ApiError::from_store)).await?;
     st.invoker.evict(&name).await;
     let artifacts = Arc::clone(&st.artifacts);
     blocking(move || {
@@ -451,7 +456,9 @@ async fn invoke(
         bytes::Bytes::from_static(b"null")
     } else {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-            return Err(ApiError::BadRequest(format!("the event is not valid JSON: {e}")));
+            return Err(ApiError::BadRequest(format!(
+                "the event is not valid JSON: {e}"
+            )));
         }
         payload
     };
@@ -501,10 +508,13 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(
             format!("request body exceeds {} bytes", limit),
         )),
-        Err(_) => Err(ApiError::BadRequest("could not read the request body".into())),
+        Err(_) => Err(ApiError::BadRequest(
+            "could not read the request body".into(),
+        )),
     }
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }

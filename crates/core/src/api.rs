@@ -210,7 +210,9 @@ mod tests {
         assert_eq!(e.error_type, "Nimbus.Timeout");
         assert!(r.logs.is_none());
         let r = InvokeResponse::from_outcome(
-            &outcome(InvokeStatus::Success(bytes::Bytes::from_static(b"{\"a\":1}"))),
+            &outcome(InvokeStatus::Success(bytes::Bytes::from_static(
+                b"{\"a\":1}",
+            ))),
             true,
         );
         assert_eq!(r.result.expect("result")["a"], 1);

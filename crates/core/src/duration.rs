@@ -16,7 +16,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         if digits == 0 {
-            return Err(format!("`{text}` is not a duration (use e.g. 500ms, 5s, 2m, 1h)"));
+            return Err(format!(
+                "`{text}` is not a duration (use e.g. 500ms, 5s, 2m, 1h)"
+            ));
         }
         let n: u128 = rest[..digits]
             .parse()

@@ -93,9 +93,9 @@ impl InvokeStatus {
         match self {
             InvokeStatus::Success(_) | InvokeStatus::FunctionError(_) => 200,
             InvokeStatus::Timeout => 504,
-            InvokeStatus::OutOfMemory
-            | InvokeStatus::Crashed(_)
-            | InvokeStatus::ResultTooLarge => 502,
+            InvokeStatus::OutOfMemory | InvokeStatus::Crashed(_) | InvokeStatus::ResultTooLarge => {
+                502
+            }
             InvokeStatus::SandboxFailed(_) => 500,
         }
     }
@@ -114,9 +114,7 @@ impl InvokeStatus {
                 "the function's result exceeds the {} MB limit",
                 crate::MAX_PAYLOAD_BYTES / (1024 * 1024)
             ),
-            InvokeStatus::SandboxFailed(_) => {
-                "the function's sandbox could not be started".into()
-            }
+            InvokeStatus::SandboxFailed(_) => "the function's sandbox could not be started".into(),
         }
     }
 }
@@ -142,7 +140,10 @@ pub enum InvokeError {
     #[error("{0}")]
     NotFound(String),
     #[error("too many concurrent invocations of `{function}`; retry in {retry_after_s}s")]
-    Throttled { function: String, retry_after_s: u64 },
+    Throttled {
+        function: String,
+        retry_after_s: u64,
+    },
     #[error("{0}")]
     BadRequest(String),
     #[error("the platform is shutting down")]

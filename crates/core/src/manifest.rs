@@ -275,14 +275,15 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         err("", format!("invalid TOML: {msg}{at}"))
     })?;
 
-    let name = raw
-        .name
-        .ok_or_else(|| err("name", "is required".into()))?;
+    let name = raw.name.ok_or_else(|| err("name", "is required".into()))?;
     validate_name(&name).map_err(|m| err("name", m))?;
 
-    let runtime_name = raw
-        .runtime
-        .ok_or_else(|| err("runtime", "is required (python3, node, exec or wasm)".into()))?;
+    let runtime_name = raw.runtime.ok_or_else(|| {
+        err(
+            "runtime",
+            "is required (python3, node, exec or wasm)".into(),
+        )
+    })?;
     let runtime = Runtime::parse(&runtime_name).ok_or_else(|| {
         err(
             "runtime",
@@ -468,11 +469,12 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         routes.push(spec);
     }
 
-    let to_json = |field: &str, v: Vec<toml::Value>| -> Result<Vec<serde_json::Value>, ManifestError> {
-        v.into_iter()
-            .map(|t| serde_json::to_value(t).map_err(|e| err(field, e.to_string())))
-            .collect()
-    };
+    let to_json =
+        |field: &str, v: Vec<toml::Value>| -> Result<Vec<serde_json::Value>, ManifestError> {
+            v.into_iter()
+                .map(|t| serde_json::to_value(t).map_err(|e| err(field, e.to_string())))
+                .collect()
+        };
 
     Ok(FunctionConfig {
         name,
@@ -518,7 +520,8 @@ fn validate_handler(runtime: Runtime, handler: &str) -> Result<(), String> {
             let ident = |s: &str| {
                 !s.is_empty()
                     && !s.starts_with(|c: char| c.is_ascii_digit())
-                    && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
             };
             if file.is_empty() || !ident(func) {
                 return Err(format!(
@@ -612,18 +615,40 @@ path = "/files/{proxy+}"
 
     #[test]
     fn rejects_missing_fields_unknown_keys_and_bad_toml() {
-        assert_eq!(field_err("runtime = \"node\"\nhandler = \"a.b\"").field, "name");
-        assert_eq!(field_err("name = \"f\"\nruntime = \"node\"").field, "handler");
-        assert!(field_err(&base("memroy_mb = 5")).message.contains("memroy_mb"));
+        assert_eq!(
+            field_err("runtime = \"node\"\nhandler = \"a.b\"").field,
+            "name"
+        );
+        assert_eq!(
+            field_err("name = \"f\"\nruntime = \"node\"").field,
+            "handler"
+        );
+        assert!(
+            field_err(&base("memroy_mb = 5"))
+                .message
+                .contains("memroy_mb")
+        );
         assert!(field_err("name = ").message.contains("line 1"));
     }
 
     #[test]
     fn rejects_bad_names_handlers_and_env() {
-        assert_eq!(field_err("name = \"Hello World\"\nruntime = \"node\"\nhandler = \"a.b\"").field, "name");
-        assert_eq!(field_err("name = \"f\"\nruntime = \"python3\"\nhandler = \"main\"").field, "handler");
-        assert_eq!(field_err("name = \"f\"\nruntime = \"exec\"\nhandler = \"../x\"").field, "handler");
-        assert_eq!(field_err(&base("[env]\nAWS_LAMBDA_FUNCTION_NAME = \"x\"")).field, "env.AWS_LAMBDA_FUNCTION_NAME");
+        assert_eq!(
+            field_err("name = \"Hello World\"\nruntime = \"node\"\nhandler = \"a.b\"").field,
+            "name"
+        );
+        assert_eq!(
+            field_err("name = \"f\"\nruntime = \"python3\"\nhandler = \"main\"").field,
+            "handler"
+        );
+        assert_eq!(
+            field_err("name = \"f\"\nruntime = \"exec\"\nhandler = \"../x\"").field,
+            "handler"
+        );
+        assert_eq!(
+            field_err(&base("[env]\nAWS_LAMBDA_FUNCTION_NAME = \"x\"")).field,
+            "env.AWS_LAMBDA_FUNCTION_NAME"
+        );
         assert_eq!(field_err(&base("[env]\n\"A-B\" = \"x\"")).field, "env.A-B");
         let big = format!("[env]\nBIG = \"{}\"", "x".repeat(5000));
         assert_eq!(field_err(&base(&big)).field, "env");

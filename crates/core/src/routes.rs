@@ -20,7 +20,9 @@ pub fn validate_route_path(path: &str) -> Result<(), String> {
     }
     for reserved in RESERVED_PREFIXES {
         if path == *reserved || path.starts_with(&format!("{reserved}/")) {
-            return Err(format!("`{path}` is reserved for the platform ({reserved})"));
+            return Err(format!(
+                "`{path}` is reserved for the platform ({reserved})"
+            ));
         }
     }
     if path == "/" {
@@ -95,10 +97,12 @@ pub fn same_shape(a: &str, b: &str) -> bool {
 /// Our path syntax to matchit's (`{proxy+}` -> `{*proxy}`).
 fn to_matchit(path: &str) -> String {
     path.split('/')
-        .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix("+}")) {
-            Some(name) => format!("{{*{name}}}"),
-            None => s.to_string(),
-        })
+        .map(
+            |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix("+}")) {
+                Some(name) => format!("{{*{name}}}"),
+                None => s.to_string(),
+            },
+        )
         .collect::<Vec<_>>()
         .join("/")
 }
@@ -122,7 +126,9 @@ impl RouteEntry {
 
 /// A route conflict, naming both routes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("route `{new}` of function `{new_function}` conflicts with `{existing}` of function `{existing_function}`")]
+#[error(
+    "route `{new}` of function `{new_function}` conflicts with `{existing}` of function `{existing_function}`"
+)]
 pub struct RouteConflict {
     pub new: String,
     pub new_function: String,
@@ -261,12 +267,29 @@ mod tests {
 
     #[test]
     fn validates_paths() {
-        for ok in ["/", "/hello", "/hello/{name}", "/files/{proxy+}", "/a-b/c.d/{x_1}"] {
+        for ok in [
+            "/",
+            "/hello",
+            "/hello/{name}",
+            "/files/{proxy+}",
+            "/a-b/c.d/{x_1}",
+        ] {
             assert_eq!(validate_route_path(ok), Ok(()), "{ok}");
         }
         for bad in [
-            "hello", "/a//b", "/a/", "/a/../b", "/a/{", "/a/{}", "/a/{x+}/b", "/a/{x}/{x}",
-            "/v1/functions", "/v1", "/metrics", "/a b", "/a/%2e",
+            "hello",
+            "/a//b",
+            "/a/",
+            "/a/../b",
+            "/a/{",
+            "/a/{}",
+            "/a/{x+}/b",
+            "/a/{x}/{x}",
+            "/v1/functions",
+            "/v1",
+            "/metrics",
+            "/a b",
+            "/a/%2e",
         ] {
             assert!(validate_route_path(bad).is_err(), "{bad}");
         }
@@ -306,12 +329,13 @@ mod tests {
         ])
         .expect_err("conflict");
         let msg = err.to_string();
-        assert!(msg.contains("GET /hello/{who}") && msg.contains("GET /hello/{name}"), "{msg}");
+        assert!(
+            msg.contains("GET /hello/{who}") && msg.contains("GET /hello/{name}"),
+            "{msg}"
+        );
         assert!(msg.contains("`a`") && msg.contains("`b`"), "{msg}");
         // Different methods on one path are fine.
-        assert!(
-            RouteTable::build(vec![entry("GET", "/x", "a"), entry("POST", "/x", "b")]).is_ok()
-        );
+        assert!(RouteTable::build(vec![entry("GET", "/x", "a"), entry("POST", "/x", "b")]).is_ok());
     }
 
     #[test]

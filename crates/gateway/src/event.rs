@@ -69,7 +69,10 @@ pub fn build_event(i: &EventInput<'_>) -> Value {
             .or_insert(v);
     }
 
-    let content_type = headers.get("content-type").map(String::as_str).unwrap_or("");
+    let content_type = headers
+        .get("content-type")
+        .map(String::as_str)
+        .unwrap_or("");
     let (body, is_b64) = match std::str::from_utf8(i.body) {
         Ok(text) if is_textual(content_type) => (text.to_string(), false),
         _ => (B64.encode(i.body), true),
@@ -282,7 +285,10 @@ mod tests {
     #[test]
     fn binary_bodies_are_base64() {
         let mut h = HeaderMap::new();
-        h.insert("content-type", HeaderValue::from_static("application/octet-stream"));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/octet-stream"),
+        );
         let p = BTreeMap::new();
         let ev = build_event(&input(&h, &p, "", &[0xff, 0x00, 0x01]));
         assert_eq!(ev["isBase64Encoded"], true);
@@ -330,7 +336,12 @@ mod tests {
             br#"{"statusCode":200,"body":"%%%","isBase64Encoded":true}"#,
             br#"{"statusCode":200,"headers":{"bad header":"x"}}"#,
         ] {
-            assert_eq!(map_result(bad).status(), 502, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                map_result(bad).status(),
+                502,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -95,7 +95,11 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => p,
         Err(_) => {
-            return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error");
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            );
         }
     };
     let function = found.entry.function.clone();
@@ -131,7 +135,10 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
         ),
     };
     let h = resp.headers_mut();
-    h.insert("x-nimbus-cold-start", HeaderValue::from_static(if outcome.cold_start { "true" } else { "false" }));
+    h.insert(
+        "x-nimbus-cold-start",
+        HeaderValue::from_static(if outcome.cold_start { "true" } else { "false" }),
+    );
     if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", outcome.duration_ms)) {
         h.insert("x-nimbus-duration-ms", v);
     }
@@ -152,12 +159,18 @@ pub fn invoke_error_response(e: &InvokeError) -> Response {
             r
         }
         InvokeError::BadRequest(m) => error_response(StatusCode::BAD_REQUEST, "bad_request", m),
-        InvokeError::ShuttingDown => {
-            error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
-        }
+        InvokeError::ShuttingDown => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
         InvokeError::Internal(detail) => {
             tracing::error!(error = %detail, "invocation failed inside the platform");
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
         }
     }
 }

@@ -215,6 +215,14 @@ impl InstanceCgroup {
         Ok(())
     }
 
+    pub(crate) fn set_cpu_millis(&self, cpu_millis: u32) -> Result<(), Error> {
+        let quota = u64::from(cpu_millis) * CPU_PERIOD_US / 1000;
+        match &self.dirs {
+            Dirs::V1 { cpu, .. } => write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string()),
+            Dirs::V2 { dir } => write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}")),
+        }
+    }
+
     pub(crate) fn dirs(&self) -> &[PathBuf] {
         &self.all
     }

@@ -312,6 +312,16 @@ impl Instance {
         self.output.take()
     }
 
+    /// Changes the instance's CPU quota while it runs. The worker starts instances with
+    /// a boosted quota so interpreter start-up is not throttled (Lambda, too, lets init
+    /// burst), then drops to the function's proportional share once its handler loaded.
+    pub fn set_cpu_millis(&self, cpu_millis: u32) -> Result<(), Error> {
+        match &self.cgroup {
+            Some(cg) => cg.set_cpu_millis(cpu_millis.max(crate::spec::MIN_CPU_MILLIS)),
+            None => Ok(()),
+        }
+    }
+
     /// The instance's cgroup directories (empty without sandbox).
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
         self.cgroup

@@ -6,15 +6,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nimbus_core::{FunctionError, InvokeStatus};
 use tokio::io::AsyncWriteExt;
-use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
+use tokio::net::unix::pipe;
 
 use crate::protocol::{self, Frame, FrameError, Kind};
 
 pub(crate) struct Live {
     sandbox: nimbus_sandbox::Instance,
     control: UnixStream,
-    output: AsyncFd<File>,
+    /// The stdout+stderr pipe, for waiting on readiness.
+    output: pipe::Receiver,
+    /// A second handle on the same pipe, read directly: after a result frame we must
+    /// drain what is already buffered whatever tokio's readiness cache believes.
+    output_raw: File,
     logs: LogBuffer,
     pub last_used: Instant,
     pub invocations: u64,
@@ -40,11 +44,13 @@ impl Live {
         let output = sandbox.take_output().ok_or_else(missing)?;
         control.set_nonblocking(true)?;
         let control = UnixStream::from_std(control)?;
-        let output = AsyncFd::new(File::from(output))?;
+        let output_raw = File::from(output.try_clone()?);
+        let output = pipe::Receiver::from_owned_fd(output)?;
         Ok(Live {
             sandbox,
             control,
             output,
+            output_raw,
             logs: LogBuffer::default(),
             last_used: Instant::now(),
             invocations: 0,
@@ -53,6 +59,12 @@ impl Live {
 
     pub fn is_alive(&mut self) -> bool {
         matches!(self.sandbox.try_wait(), Ok(None))
+    }
+
+    pub fn set_cpu_millis(&self, cpu_millis: u32) -> Result<(), String> {
+        self.sandbox
+            .set_cpu_millis(cpu_millis)
+            .map_err(|e| e.to_string())
     }
 
     pub fn kill(&mut self) {
@@ -80,7 +92,11 @@ impl Live {
     }
 
     /// Waits for the shim's `R` frame (handler loaded).
-    pub async fn wait_ready(&mut self, limit: Duration, log_limit: usize) -> Result<(), ReadyError> {
+    pub async fn wait_ready(
+        &mut self,
+        limit: Duration,
+        log_limit: usize,
+    ) -> Result<(), ReadyError> {
         self.logs = LogBuffer::with_limit(log_limit);
         let frame = self.next_frame(limit).await.map_err(ReadyError::Run)?;
         match frame.kind {
@@ -153,28 +169,29 @@ impl Live {
     /// blocks on a full pipe while we wait for its result.
     async fn next_frame(&mut self, limit: Duration) -> Result<Frame, RunError> {
         let deadline = tokio::time::Instant::now() + limit;
+        let (control, output, logs) = (&mut self.control, &self.output, &mut self.logs);
         let frame = {
-            let read = protocol::read_frame(&mut self.control);
+            let read = protocol::read_frame(control);
             tokio::pin!(read);
+            let mut output_open = true;
+            let mut buf = vec![0u8; 16 * 1024];
             loop {
                 tokio::select! {
-                    f = &mut read => break f,
-                    ready = self.output.readable() => {
-                        if let Ok(mut guard) = ready {
-                            match guard.try_io(|fd| read_some(fd.get_ref(), &mut self.logs)) {
-                                Ok(Ok(0)) => {
-                                    // Output closed: the instance is exiting; the control
-                                    // channel will say how. Stop polling the pipe.
-                                    break (&mut read).await;
-                                }
-                                Ok(_) | Err(_) => {}
-                            }
+                    f = &mut read => break Some(f),
+                    ready = output.readable(), if output_open => {
+                        if ready.is_err() {
+                            output_open = false;
+                            continue;
+                        }
+                        match output.try_read(&mut buf) {
+                            // The function closed its output; it may still answer.
+                            Ok(0) => output_open = false,
+                            Ok(n) => logs.push(&buf[..n]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => output_open = false,
                         }
                     }
-                    _ = tokio::time::sleep_until(deadline) => {
-                        self.drain_output();
-                        return Err(RunError::Timeout);
-                    }
+                    _ = tokio::time::sleep_until(deadline) => break None,
                 }
             }
         };
@@ -182,14 +199,15 @@ impl Live {
         // the pipe: read it now, without waiting for the reactor.
         self.drain_output();
         match frame {
-            Ok(f) => Ok(f),
-            Err(FrameError::TooLarge(_)) => Err(RunError::ResultTooLarge),
-            Err(e) => Err(RunError::Broken(e.to_string())),
+            None => Err(RunError::Timeout),
+            Some(Ok(f)) => Ok(f),
+            Some(Err(FrameError::TooLarge(_))) => Err(RunError::ResultTooLarge),
+            Some(Err(e)) => Err(RunError::Broken(e.to_string())),
         }
     }
 
     fn drain_output(&mut self) {
-        let file = self.output.get_ref();
+        let file = &self.output_raw;
         loop {
             match read_some(file, &mut self.logs) {
                 Ok(0) => break,
@@ -264,7 +282,10 @@ mod tests {
         b.push(b"12345");
         b.push(b"6789012345");
         let s = b.finish();
-        assert!(s.starts_with("1234567890\n[nimbus: output truncated at 10 bytes; 5 more"), "{s}");
+        assert!(
+            s.starts_with("1234567890\n[nimbus: output truncated at 10 bytes; 5 more"),
+            "{s}"
+        );
         let mut b = LogBuffer::with_limit(10);
         b.push(b"ok\n");
         assert_eq!(b.finish(), "ok\n");

@@ -33,6 +33,10 @@ use crate::instance::{Live, RunError};
 
 pub use runtimes::RuntimeFiles;
 
+/// CPU quota while an instance starts (one full vCPU): interpreter start-up is pure CPU,
+/// and a 128 MB function's share (7% of a vCPU) would stretch it tenfold.
+pub const INIT_CPU_MILLIS: u32 = 1000;
+
 /// Per-invocation log cap: past it, output is dropped and a marker says so.
 pub const DEFAULT_LOG_LIMIT: usize = 1024 * 1024;
 
@@ -91,12 +95,11 @@ impl Worker {
         artifacts: Arc<ArtifactStore>,
         host: Arc<Host>,
     ) -> Result<Worker, Error> {
-        let runtimes = RuntimeFiles::install(&cfg.runtime_dir).map_err(|source| {
-            Error::InstallRuntimes {
+        let runtimes =
+            RuntimeFiles::install(&cfg.runtime_dir).map_err(|source| Error::InstallRuntimes {
                 path: cfg.runtime_dir.clone(),
                 source,
-            }
-        })?;
+            })?;
         Ok(Worker {
             inner: Arc::new(Inner {
                 cfg,
@@ -123,10 +126,14 @@ impl Worker {
                     let idle_for = Duration::from_millis(pool.config.concurrency.idle_timeout_ms);
                     let expired: Vec<Live> = {
                         let mut idle = lock(&pool.idle);
-                        let (keep, gone): (Vec<Live>, Vec<Live>) = idle
-                            .drain(..)
-                            .partition(|l| l.last_used.elapsed() < idle_for && l.is_alive());
-                        *idle = keep;
+                        let mut gone = Vec::new();
+                        for mut l in idle.drain(..).collect::<Vec<_>>() {
+                            if l.last_used.elapsed() < idle_for && l.is_alive() {
+                                idle.push(l);
+                            } else {
+                                gone.push(l);
+                            }
+                        }
                         gone
                     };
                     if !expired.is_empty() {
@@ -237,9 +244,10 @@ impl Inner {
                         outcome.init_duration_ms = Some(ms(started.elapsed()));
                         l
                     }
-                    Err(status) => {
+                    Err((status, logs)) => {
                         outcome.init_duration_ms = Some(ms(started.elapsed()));
                         outcome.status = status;
+                        outcome.logs = logs;
                         return Ok(outcome);
                     }
                 }
@@ -250,7 +258,13 @@ impl Inner {
         let arn = self.arn(&pool.function, &req.target);
         let started = Instant::now();
         let run = live
-            .run(&req.request_id, &arn, &req.payload, deadline, self.cfg.log_limit)
+            .run(
+                &req.request_id,
+                &arn,
+                &req.payload,
+                deadline,
+                self.cfg.log_limit,
+            )
             .await;
         outcome.duration_ms = ms(started.elapsed());
         outcome.logs = live.take_logs();
@@ -325,7 +339,9 @@ impl Inner {
         let pool = Arc::new(Pool {
             function: row.function.clone(),
             version: row.version,
-            slots: Arc::new(Semaphore::new(row.config.concurrency.max_instances as usize)),
+            slots: Arc::new(Semaphore::new(
+                row.config.concurrency.max_instances as usize,
+            )),
             config: row.config,
             code_dir,
             idle: Mutex::new(Vec::new()),
@@ -333,38 +349,54 @@ impl Inner {
         Ok(Arc::clone(lock(&self.pools).entry(key).or_insert(pool)))
     }
 
-    async fn start_instance(&self, pool: &Pool) -> Result<Live, InvokeStatus> {
-        let spec = self
-            .instance_spec(pool)
-            .map_err(InvokeStatus::SandboxFailed)?;
+    /// Starts an instance and waits for its handler to load. On failure, the status
+    /// and whatever the instance printed (an import error's traceback, say).
+    async fn start_instance(&self, pool: &Pool) -> Result<Live, (InvokeStatus, String)> {
+        let failed = |msg: String| (InvokeStatus::SandboxFailed(msg), String::new());
+        let spec = self.instance_spec(pool).map_err(failed)?;
         let host = Arc::clone(&self.host);
         let spawned = tokio::task::spawn_blocking(move || host.spawn(&spec))
             .await
-            .map_err(|e| InvokeStatus::SandboxFailed(e.to_string()))?;
+            .map_err(|e| failed(e.to_string()))?;
         let sandboxed = match spawned {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(function = %pool.function, error = %e, "sandbox spawn failed");
-                return Err(InvokeStatus::SandboxFailed(e.to_string()));
+                return Err(failed(e.to_string()));
             }
         };
         let mut live = Live::new(sandboxed).map_err(|e| {
             tracing::error!(function = %pool.function, error = %e, "wrap instance failed");
-            InvokeStatus::SandboxFailed(e.to_string())
+            failed(e.to_string())
         })?;
-        match live.wait_ready(self.cfg.init_timeout, self.cfg.log_limit).await {
-            Ok(()) => Ok(live),
-            Err(instance::ReadyError::InitFailed(fe)) => {
-                retire(live);
-                Err(InvokeStatus::FunctionError(fe))
+        let ready = live
+            .wait_ready(self.cfg.init_timeout, self.cfg.log_limit)
+            .await;
+        let status = match ready {
+            Ok(()) => {
+                // Init ran boosted; from now on the function gets its proportional share.
+                let share = nimbus_sandbox::Limits::for_memory(pool.config.memory_mb).cpu_millis;
+                match live.set_cpu_millis(share) {
+                    Ok(()) => return Ok(live),
+                    Err(e) => {
+                        tracing::error!(function = %pool.function, error = %e, "set CPU share");
+                        InvokeStatus::SandboxFailed(e)
+                    }
+                }
             }
+            Err(instance::ReadyError::InitFailed(fe)) => InvokeStatus::FunctionError(fe),
             Err(instance::ReadyError::Sandbox(msg)) => {
                 tracing::error!(function = %pool.function, error = %msg, "sandbox setup failed");
-                retire(live);
-                Err(InvokeStatus::SandboxFailed(msg))
+                InvokeStatus::SandboxFailed(msg)
             }
-            Err(instance::ReadyError::Run(err)) => Err(self.classify_failure(live, err).await),
-        }
+            Err(instance::ReadyError::Run(err)) => {
+                let logs = live.take_logs();
+                return Err((self.classify_failure(live, err).await, logs));
+            }
+        };
+        let logs = live.take_logs();
+        retire(live);
+        Err((status, logs))
     }
 
     fn instance_spec(&self, pool: &Pool) -> Result<nimbus_sandbox::InstanceSpec, String> {
@@ -381,17 +413,14 @@ impl Inner {
             Runtime::Python3 => {
                 let py = interp(&c.runtime_name, "python3")?;
                 let script = self.runtimes.python.display().to_string();
-                (py.clone(), vec![py.display().to_string(), "-I".into(), "-S".into(), "-u".into(), script])
+                (py, vec!["-I".into(), "-S".into(), "-u".into(), script])
             }
             Runtime::Node => {
                 let node = interp(&c.runtime_name, "node")?;
                 let script = self.runtimes.node.display().to_string();
-                (node.clone(), vec![node.display().to_string(), script])
+                (node, vec![script])
             }
-            Runtime::Exec => {
-                let exe = pool.code_dir.join(&c.handler);
-                (exe.clone(), vec![exe.display().to_string()])
-            }
+            Runtime::Exec => (pool.code_dir.join(&c.handler), vec![]),
             Runtime::Wasm => return Err("wasm functions are not supported by this worker".into()),
         };
         let id = format!(
@@ -407,17 +436,38 @@ impl Inner {
             ("HOME".into(), "/tmp".into()),
             ("NIMBUS_CONTROL_FD".into(), "3".into()),
             ("_HANDLER".into(), c.handler.clone()),
-            ("LAMBDA_TASK_ROOT".into(), pool.code_dir.display().to_string()),
-            ("LAMBDA_RUNTIME_DIR".into(), self.runtimes.dir.display().to_string()),
+            (
+                "LAMBDA_TASK_ROOT".into(),
+                pool.code_dir.display().to_string(),
+            ),
+            (
+                "LAMBDA_RUNTIME_DIR".into(),
+                self.runtimes.dir.display().to_string(),
+            ),
             ("AWS_LAMBDA_FUNCTION_NAME".into(), pool.function.clone()),
-            ("AWS_LAMBDA_FUNCTION_VERSION".into(), pool.version.to_string()),
-            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(), c.memory_mb.to_string()),
+            (
+                "AWS_LAMBDA_FUNCTION_VERSION".into(),
+                pool.version.to_string(),
+            ),
+            (
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(),
+                c.memory_mb.to_string(),
+            ),
             ("AWS_LAMBDA_INITIALIZATION_TYPE".into(), "on-demand".into()),
-            ("AWS_LAMBDA_LOG_GROUP_NAME".into(), format!("/aws/lambda/{}", pool.function)),
-            ("AWS_LAMBDA_LOG_STREAM_NAME".into(), format!("{}/[{}]{}", today(), pool.version, id)),
+            (
+                "AWS_LAMBDA_LOG_GROUP_NAME".into(),
+                format!("/aws/lambda/{}", pool.function),
+            ),
+            (
+                "AWS_LAMBDA_LOG_STREAM_NAME".into(),
+                format!("{}/[{}]{}", today(), pool.version, id),
+            ),
             ("AWS_REGION".into(), self.cfg.region.clone()),
             ("AWS_DEFAULT_REGION".into(), self.cfg.region.clone()),
-            ("AWS_EXECUTION_ENV".into(), format!("nimbus_{}", c.runtime_name)),
+            (
+                "AWS_EXECUTION_ENV".into(),
+                format!("nimbus_{}", c.runtime_name),
+            ),
         ];
         env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(nimbus_sandbox::InstanceSpec {
@@ -426,7 +476,11 @@ impl Inner {
             args,
             env,
             workdir: pool.code_dir.clone(),
-            limits: nimbus_sandbox::Limits::for_memory(c.memory_mb),
+            limits: nimbus_sandbox::Limits {
+                cpu_millis: INIT_CPU_MILLIS,
+                ..nimbus_sandbox::Limits::for_memory(c.memory_mb)
+            },
+            isolation: Default::default(),
         })
     }
 
@@ -445,7 +499,7 @@ impl Inner {
 /// Most recently used first: the warmest caches, and the others idle out sooner.
 fn pop_live(pool: &Pool) -> Option<Live> {
     loop {
-        let candidate = lock(&pool.idle).pop()?;
+        let mut candidate = lock(&pool.idle).pop()?;
         if candidate.is_alive() {
             return Some(candidate);
         }

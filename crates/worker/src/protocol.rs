@@ -139,7 +139,10 @@ mod tests {
         let mut big = vec![b'S'];
         big.extend_from_slice(&u32::MAX.to_be_bytes());
         let mut r = &big[..];
-        assert!(matches!(read_frame(&mut r).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(FrameError::TooLarge(_))
+        ));
         let mut cut = encode(Kind::Success, b"12345");
         cut.truncate(7);
         let mut r = &cut[..];
