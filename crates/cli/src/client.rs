@@ -268,6 +268,13 @@ fn read_event(data: Option<&str>) -> anyhow::Result<Vec<u8>> {
         }
         Some(s) => s.as_bytes().to_vec(),
     };
+    if raw.len() > nimbus_core::MAX_PAYLOAD_BYTES {
+        bail!(
+            "the event is {} bytes; the limit is {} bytes (6 MiB)",
+            raw.len(),
+            nimbus_core::MAX_PAYLOAD_BYTES
+        );
+    }
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&raw) {
         bail!("--data is not valid JSON: {e}");
     }

@@ -81,7 +81,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         nimbus_store::Store::open(&data_dir.join("state.db")).context("open state database")?,
     );
     let artifacts = Arc::new(
-        nimbus_artifacts::ArtifactStore::open(&data_dir.join("artifacts"))
+        nimbus_artifacts::ArtifactStore::open(data_dir.join("artifacts"))
             .context("open artifact store")?,
     );
     // Uploads cut off by a crash are garbage; nothing refers to them.

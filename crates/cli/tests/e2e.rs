@@ -252,6 +252,7 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
     let s = Server::start();
     let hello = example("python-hello");
     s.ok(&["deploy", hello.to_str().expect("path")]);
+    s.ok(&["deploy", fixture("any-route").to_str().expect("path")]);
 
     for (case, needle) in [
         ("bad/bad-runtime", "runtime"),
@@ -361,22 +362,36 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
         "bad_request",
     );
     let big = format!("\"{}\"", "x".repeat(6 * 1024 * 1024 + 10));
-    check(
-        s.admin(reqwest::Method::POST, "/v1/functions/hello/invoke")
-            .body(big.clone())
-            .send()
-            .expect("req"),
-        413,
-        "payload_too_large",
+    let head = raw_http(
+        &s.addr,
+        &format!(
+            "POST /v1/functions/hello/invoke HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\n\r\n",
+            s.token(),
+            big.len()
+        ),
     );
-    check(
-        http.post(s.url("/hello/ada"))
-            .body(big)
-            .send()
-            .expect("req"),
-        404,
-        "not_found",
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("payload_too_large"), "{head}");
+    let big_file = s.data.join("../big.json");
+    std::fs::write(&big_file, &big).expect("write");
+    let out = s.cli(&[
+        "invoke",
+        "hello",
+        "--data",
+        &format!("@{}", big_file.display()),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("limit"), "{}", stderr_of(&out));
+    // The gateway refuses an oversized body from its Content-Length, before reading it.
+    let head = raw_http(
+        &s.addr,
+        &format!(
+            "POST /hello-any/ada HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+            big.len()
+        ),
     );
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(head.contains("payload_too_large"), "{head}");
     check(
         s.admin(reqwest::Method::PUT, "/v1/functions/hello/aliases/live")
             .body(r#"{"version": 9}"#)
@@ -422,7 +437,7 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
     );
 
     // Nothing was lost along the way.
-    assert_eq!(s.json(&["ls"]).as_array().map(Vec::len), Some(1));
+    assert_eq!(s.json(&["ls"]).as_array().map(Vec::len), Some(2));
 }
 
 #[test]
@@ -459,6 +474,27 @@ fn hostile_archives_are_rejected_with_nothing_written() {
     let after = std::fs::read_dir(&code_dir).map(|d| d.count()).unwrap_or(0);
     assert_eq!(before, after, "no code dir was created");
     assert_eq!(s.json(&["ls"]).as_array().map(Vec::len), Some(0));
+}
+
+/// Sends raw bytes and returns what the server answers before it closes or goes quiet.
+fn raw_http(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    c.write_all(request.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = c.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn tar_with(manifest: &str, extra: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
@@ -572,4 +608,27 @@ fn sigterm_drains_in_flight_requests() {
     let status = s.terminate();
     assert!(status.success(), "{status:?}");
     assert_eq!(inflight.join().expect("thread").ok(), Some(200));
+}
+
+#[test]
+fn structured_responses_and_greedy_paths_map_like_api_gateway() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("any-route").to_str().expect("path")]);
+    let r = s
+        .http()
+        .post(s.url("/hello-any/a/b%2Fc/d.txt?x=1"))
+        .header("cookie", "s=1")
+        .body("ping")
+        .send()
+        .expect("POST");
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-route"], "ANY /hello-any/{proxy+}");
+    let cookies: Vec<_> = r.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies.len(), 2);
+    assert_eq!(r.text().expect("body"), "ping");
+    // A route never matches a path outside its prefix, whatever the encoding.
+    for path in ["/hello-anyx/a", "/%68ello-any/a", "/hello-any"] {
+        let r = s.http().get(s.url(path)).send().expect("GET");
+        assert_eq!(r.status(), 404, "{path}");
+    }
 }

@@ -503,6 +503,12 @@ async fn list_routes(
 
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     use http_body_util::BodyExt;
+    // A declared Content-Length over the limit is refused before reading a byte.
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "request body exceeds {limit} bytes"
+        )));
+    }
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(

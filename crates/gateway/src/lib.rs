@@ -184,6 +184,10 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
             &format!("request body exceeds {limit} bytes"),
         )
     };
+    // A declared Content-Length over the limit is refused before reading a byte.
+    if http_body::Body::size_hint(&body).lower() > limit as u64 {
+        return Err(too_large());
+    }
     let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
