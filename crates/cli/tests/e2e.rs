@@ -154,7 +154,8 @@ fn versions_aliases_rollback_and_restart_keep_everything() {
     let status = s.terminate();
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
     let data = s.data.clone();
-    let mut s2 = Server::start_on(&data, "127.0.0.1:0", None);
+    let parent = Some(s.cgroup_parent.clone());
+    let mut s2 = Server::start_on(&data, "127.0.0.1:0", parent.clone());
     let r = s2.json(&["invoke", "hello", "--data", r#"{"name":"ada"}"#]);
     assert_eq!(r["result"]["message"], "howdy ada");
     assert_eq!(
@@ -169,7 +170,26 @@ fn versions_aliases_rollback_and_restart_keep_everything() {
     std::fs::write(dir.join("nimbus.toml"), v3_manifest).expect("edit");
     assert_eq!(s2.json(&["deploy", &d])["version"], 3);
     s2.kill9();
-    let s3 = Server::start_on(&data, "127.0.0.1:0", None);
+    let s3 = Server::start_on(&data, "127.0.0.1:0", parent);
+    // The killed server's instance cgroups were reaped at start-up.
+    let leftovers = std::process::Command::new("find")
+        .args([
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup",
+            "-maxdepth",
+            "6",
+            "-type",
+            "d",
+            "-path",
+        ])
+        .arg(format!("*/{}/*", s3.cgroup_parent))
+        .output()
+        .expect("find");
+    assert_eq!(
+        stdout_of(&leftovers).trim(),
+        "",
+        "stale instance cgroups remain"
+    );
     let r = s3.json(&["invoke", "hello", "--data", r#"{"name":"ada"}"#]);
     assert_eq!(r["result"]["message"], "hiya ada");
     let aliases = s3.json(&["alias", "ls", "hello"]);

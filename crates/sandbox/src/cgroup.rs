@@ -94,6 +94,40 @@ fn mkdir_all(dir: &Path) -> Result<(), Error> {
     })
 }
 
+/// Kills and removes instance cgroups left under `parents` by an earlier server that
+/// died without cleaning up (SIGKILL, power loss): their processes are orphans that no
+/// worker will ever talk to again. Returns how many instance cgroups were removed.
+pub(crate) fn reap_stale(parents: &[PathBuf]) -> usize {
+    let mut removed = 0;
+    for parent in parents {
+        let Ok(entries) = fs::read_dir(parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for attempt in 0..50 {
+                let pids: Vec<i32> = read(&dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect();
+                pids.iter().for_each(|p| sigkill(*p));
+                if fs::remove_dir(&dir).is_ok() {
+                    removed += 1;
+                    break;
+                }
+                if attempt < 49 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+    removed
+}
+
 /// Removes the parent dirs if nothing is left in them; silently keeps them otherwise
 /// (another host in the same process tree may still use them).
 pub(crate) fn remove_parent(dirs: &[PathBuf]) {

@@ -116,6 +116,13 @@ impl Host {
         let layout = mountinfo::choose_layout(&mounts, &config.cgroup_root, &read("self/cgroup")?)
             .map_err(Error::Detect)?;
         let parent_dirs = cgroup::create_parent(&layout, &config.parent)?;
+        let stale = cgroup::reap_stale(&parent_dirs);
+        if stale > 0 {
+            tracing::warn!(
+                count = stale,
+                "removed instance cgroups left by an earlier run"
+            );
+        }
         let host = Host {
             shared: Arc::new(Shared {
                 config,

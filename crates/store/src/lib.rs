@@ -168,8 +168,9 @@ impl Store {
 
     /// Records a deploy of `config.name` with code `digest` (`size` bytes).
     ///
-    /// If the latest version has the same digest and config, nothing changes and that
-    /// version is returned with `created: false`. Otherwise a new version (latest + 1)
+    /// If the latest version has the same digest and config, no version is made, `live`
+    /// is pointed at that version (it may have been rolled back) and it is returned with
+    /// `created: false`. Otherwise a new version (latest + 1)
     /// is created, `live` points at it and the function's manifest routes are replaced
     /// by `config.routes`; if those conflict with any other installed route the whole
     /// deploy is rolled back and [`Error::RouteConflict`] returned.
@@ -206,9 +207,13 @@ impl Store {
                 .as_ref()
                 .filter(|(_, d, h)| d == digest && *h == config_hash);
             if let Some((version, _, _)) = unchanged {
+                // Deploying is "make this code live": after a rollback, redeploying the
+                // latest code moves `live` forward again without a new version.
                 let added = tx.execute(
                     "INSERT INTO aliases (function, name, version, updated_at)
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (function, name) DO NOTHING",
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (function, name)
+                     DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at
+                     WHERE aliases.version <> excluded.version",
                     params![name, LIVE_ALIAS, version, now],
                 )?;
                 let row = version_tx(tx, name, *version)?.ok_or_else(|| {

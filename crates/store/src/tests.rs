@@ -167,6 +167,21 @@ fn rollback_moves_down_then_conflicts_at_oldest() {
 
     let err = f.store.rollback("nope", "live").expect_err("no function");
     assert_eq!(err.to_string(), "function `nope` not found");
+
+    // Redeploying the latest code after a rollback makes it live again, with no new
+    // version, and wakes the change feed.
+    let mut feed = f.store.subscribe();
+    feed.borrow_and_update();
+    let again = f
+        .store
+        .deploy("sha256:bbb", 1, &config("hello", &[]))
+        .expect("redeploy");
+    assert!(!again.created);
+    assert_eq!(again.version.version, 2);
+    let func = f.store.get_function("hello").expect("get").expect("exists");
+    assert_eq!(func.live_version, Some(2));
+    assert!(feed.has_changed().expect("feed open"));
+    f.store.rollback("hello", "live").expect("rollback again");
     let err = f.store.rollback("hello", "beta").expect_err("no alias");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
 }
