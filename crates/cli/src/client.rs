@@ -518,6 +518,20 @@ pub fn remove(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn evict(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
+    let api = Api::new(g)?;
+    let v: serde_json::Value = api.json(api.req(
+        reqwest::Method::POST,
+        &format!("/v1/functions/{}/evict", enc(name)),
+    ))?;
+    if g.output == Output::Json {
+        print_json(&v)?;
+    } else {
+        println!("{name}: stopped {} instance(s)", v["evicted"]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn routes(g: &Global) -> anyhow::Result<ExitCode> {
     let api = Api::new(g)?;
     let rs: Vec<RouteEntry> = api.json(api.req(reqwest::Method::GET, "/v1/routes"))?;

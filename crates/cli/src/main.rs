@@ -96,6 +96,8 @@ enum Command {
     Rm { name: String },
     /// List the routes of the gateway.
     Routes,
+    /// Stop a function's warm instances (the next call is a cold start).
+    Evict { name: String },
     /// Write a new, working function folder.
     Init(init::InitArgs),
     #[command(name = "__sandbox-init", hide = true)]
@@ -167,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollback { name, alias } => client::rollback(&g, &name, &alias),
         Command::Rm { name } => client::remove(&g, &name),
         Command::Routes => client::routes(&g),
+        Command::Evict { name } => client::evict(&g, &name),
         Command::Init(args) => init::run(&args),
         Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
     }

@@ -34,6 +34,13 @@ fn deploys_and_runs_the_examples_over_cli_and_http() {
         assert_eq!(second["result"]["message"], "hello bob");
     }
 
+    // Evicting forces the next call to be cold again.
+    let ev = s.json(&["evict", "hello"]);
+    assert_eq!(ev["evicted"], 1, "{ev}");
+    let cold = s.json(&["invoke", "hello"]);
+    assert_eq!(cold["coldStart"], true, "{cold}");
+    assert!(!s.cli(&["evict", "nope"]).status.success());
+
     // Plain CLI output is the result; --logs adds the function's output on stderr.
     let out = s.cli(&["invoke", "hello", "--data", r#"{"name":"cy"}"#, "--logs"]);
     assert!(out.status.success());

@@ -64,6 +64,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/aliases/{alias}", put(set_alias))
         .route("/v1/functions/{name}/rollback", post(rollback))
         .route("/v1/functions/{name}/invoke", post(invoke))
+        .route("/v1/functions/{name}/evict", post(evict))
         .route("/v1/routes", get(list_routes))
         .route("/v1/{*rest}", axum::routing::any(unknown_path))
         .layer(middleware::from_fn_with_state(
@@ -240,16 +241,27 @@ fn not_found_fn(name: &str) -> ApiError {
     ApiError::NotFound(format!("function `{name}` not found"))
 }
 
+fn require_function(store: &Store, name: &str) -> Result<nimbus_store::FunctionRow, ApiError> {
+    store
+        .get_function(name)
+        .map_err(ApiError::from_store)?
+        .ok_or_else(|| not_found_fn(name))
+}
+
+fn alias_info(a: nimbus_store::AliasRow) -> AliasInfo {
+    AliasInfo {
+        name: a.name,
+        version: a.version,
+    }
+}
+
 async fn get_function(
     State(st): State<Arc<ControlState>>,
     Path(name): Path<String>,
 ) -> Result<Json<FunctionDetail>, ApiError> {
     let store = Arc::clone(&st.store);
     blocking(move || {
-        let f = store
-            .get_function(&name)
-            .map_err(ApiError::from_store)?
-            .ok_or_else(|| not_found_fn(&name))?;
+        let f = require_function(&store, &name)?;
         let shown = f.live_version.unwrap_or(f.latest_version);
         let v = store
             .get_version(&name, shown)
@@ -259,10 +271,7 @@ async fn get_function(
             .list_aliases(&name)
             .map_err(ApiError::from_store)?
             .into_iter()
-            .map(|a| AliasInfo {
-                name: a.name,
-                version: a.version,
-            })
+            .map(alias_info)
             .collect();
         let routes = store
             .routes()
@@ -312,13 +321,7 @@ async fn list_versions(
 ) -> Result<Json<Vec<VersionInfo>>, ApiError> {
     let store = Arc::clone(&st.store);
     blocking(move || {
-        if store
-            .get_function(&name)
-            .map_err(ApiError::from_store)?
-            .is_none()
-        {
-            return Err(not_found_fn(&name));
-        }
+        require_function(&store, &name)?;
         let aliases = store.list_aliases(&name).map_err(ApiError::from_store)?;
         let versions = store.list_versions(&name).map_err(ApiError::from_store)?;
         Ok(Json(
@@ -350,22 +353,13 @@ async fn list_aliases(
 ) -> Result<Json<Vec<AliasInfo>>, ApiError> {
     let store = Arc::clone(&st.store);
     blocking(move || {
-        if store
-            .get_function(&name)
-            .map_err(ApiError::from_store)?
-            .is_none()
-        {
-            return Err(not_found_fn(&name));
-        }
+        require_function(&store, &name)?;
         Ok(Json(
             store
                 .list_aliases(&name)
                 .map_err(ApiError::from_store)?
                 .into_iter()
-                .map(|a| AliasInfo {
-                    name: a.name,
-                    version: a.version,
-                })
+                .map(alias_info)
                 .collect(),
         ))
     })
@@ -385,10 +379,7 @@ async fn set_alias(
             .set_alias(&name, &alias, req.version)
             .map_err(ApiError::from_store)?;
         tracing::info!(function = %name, %alias, version = row.version, "alias set");
-        Ok(Json(AliasInfo {
-            name: row.name,
-            version: row.version,
-        }))
+        Ok(Json(alias_info(row)))
     })
     .await
 }
@@ -492,6 +483,20 @@ pub fn nimbus_headers(h: &mut HeaderMap, o: &nimbus_core::InvokeOutcome) {
     put("x-nimbus-cold-start", o.cold_start.to_string());
     put("x-nimbus-duration-ms", format!("{:.3}", o.duration_ms));
     put("x-nimbus-version", o.version.to_string());
+}
+
+/// Retires every instance of a function, so the next call is a cold start.
+async fn evict(
+    State(st): State<Arc<ControlState>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = Arc::clone(&st.store);
+    let n = name.clone();
+    blocking(move || require_function(&store, &n)).await?;
+    let evicted = st.invoker.evict(&name).await;
+    Ok(Json(
+        serde_json::json!({ "name": name, "evicted": evicted }),
+    ))
 }
 
 async fn list_routes(
