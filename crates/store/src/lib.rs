@@ -72,6 +72,9 @@ pub struct VersionRow {
     pub config: FunctionConfig,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// The function's small unique number (1, 2, ...), stable for its lifetime; the
+    /// worker derives the sandbox uid/gid from it.
+    pub sandbox_id: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,7 +193,8 @@ impl Store {
 
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO functions (name, created_at, updated_at) VALUES (?1, ?2, ?2)
+                "INSERT INTO functions (name, created_at, updated_at, sandbox_id)
+                 VALUES (?1, ?2, ?2, (SELECT COALESCE(MAX(sandbox_id), 0) + 1 FROM functions))
                  ON CONFLICT (name) DO NOTHING",
                 params![name, now],
             )?;
@@ -269,14 +273,9 @@ impl Store {
             }
             touch_function(tx, name, &now)?;
 
-            let row = VersionRow {
-                function: name.to_string(),
-                version,
-                digest: digest.to_string(),
-                size,
-                config: config.clone(),
-                created_at: now.clone(),
-            };
+            let row = version_tx(tx, name, version)?.ok_or_else(|| {
+                Error::NotFound(format!("version {version} of `{name}` not found"))
+            })?;
             Ok((
                 DeployResult {
                     version: row,
@@ -304,7 +303,7 @@ impl Store {
     /// Versions of `name`, oldest first; empty when the function does not exist.
     pub fn list_versions(&self, name: &str) -> Result<Vec<VersionRow>> {
         self.read(|tx| {
-            let sql = format!("{VERSION_SELECT} WHERE function = ?1 ORDER BY version");
+            let sql = format!("{VERSION_SELECT} WHERE v.function = ?1 ORDER BY v.version");
             let mut stmt = tx.prepare(&sql)?;
             let raws = stmt
                 .query_map([name], RawVersion::from_row)?
@@ -659,8 +658,8 @@ fn touch_function(tx: &Transaction<'_>, name: &str, now: &str) -> Result<()> {
     Ok(())
 }
 
-const VERSION_SELECT: &str =
-    "SELECT function, version, digest, size, config_json, created_at FROM versions";
+const VERSION_SELECT: &str = "SELECT v.function, v.version, v.digest, v.size, v.config_json,
+     v.created_at, f.sandbox_id FROM versions v JOIN functions f ON f.name = v.function";
 
 /// A version row before its config JSON is decoded (decoding errors are not SQL errors).
 struct RawVersion {
@@ -670,6 +669,7 @@ struct RawVersion {
     size: u64,
     config_json: String,
     created_at: String,
+    sandbox_id: u32,
 }
 
 impl RawVersion {
@@ -681,6 +681,7 @@ impl RawVersion {
             size: r.get(3)?,
             config_json: r.get(4)?,
             created_at: r.get(5)?,
+            sandbox_id: r.get(6)?,
         })
     }
 
@@ -696,12 +697,13 @@ impl RawVersion {
             size: self.size,
             config,
             created_at: self.created_at,
+            sandbox_id: self.sandbox_id,
         })
     }
 }
 
 fn version_tx(tx: &Transaction<'_>, name: &str, version: u32) -> Result<Option<VersionRow>> {
-    let sql = format!("{VERSION_SELECT} WHERE function = ?1 AND version = ?2");
+    let sql = format!("{VERSION_SELECT} WHERE v.function = ?1 AND v.version = ?2");
     let raw = tx
         .query_row(&sql, params![name, version], RawVersion::from_row)
         .optional()?;

@@ -64,6 +64,13 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX routes_by_function ON routes (function);
     "#,
+    // 2: a small integer per function from which the worker derives the function's
+    // sandbox uid/gid, so two functions never share files or signals.
+    r#"
+    ALTER TABLE functions ADD COLUMN sandbox_id INTEGER;
+    UPDATE functions SET sandbox_id = rowid;
+    CREATE UNIQUE INDEX functions_by_sandbox_id ON functions (sandbox_id);
+    "#,
 ];
 
 /// The schema version this build writes.

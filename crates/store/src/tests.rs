@@ -603,3 +603,30 @@ fn concurrent_deploys_through_two_connections_wait_instead_of_failing() {
     assert_eq!(func.latest_version, 40);
     assert_eq!(func.live_version, Some(40));
 }
+
+#[test]
+fn functions_get_distinct_stable_sandbox_ids() {
+    let f = fixture();
+    let a1 = f
+        .store
+        .deploy("sha256:aaa", 1, &config("a", &[]))
+        .expect("a");
+    let b1 = f
+        .store
+        .deploy("sha256:bbb", 1, &config("b", &[]))
+        .expect("b");
+    assert_ne!(a1.version.sandbox_id, b1.version.sandbox_id);
+    let mut cfg = config("a", &[]);
+    cfg.memory_mb = 512;
+    let a2 = f.store.deploy("sha256:aaa", 1, &cfg).expect("a v2");
+    assert_eq!(
+        a2.version.sandbox_id, a1.version.sandbox_id,
+        "stable across versions"
+    );
+    let resolved = f
+        .store
+        .resolve("b", &Target::default())
+        .expect("resolve")
+        .expect("exists");
+    assert_eq!(resolved.sandbox_id, b1.version.sandbox_id);
+}
