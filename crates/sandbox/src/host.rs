@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 
 use crate::cgroup::{self, InstanceCgroup};
-use crate::init::{CONTROL_FD, INIT_ARG};
+use crate::init::{CONTROL_FD, INIT_ARG, SYNC_FD};
 use crate::mountinfo::{self, Layout};
-use crate::spec::{InitSpec, InstanceSpec, Isolation, Limits, SPEC_ENV};
+use crate::spec::{InitSpec, InstanceSpec, Isolation, Limits, Network, Rootfs, SPEC_ENV};
 use crate::{CgroupVersion, Error};
 
 /// How the host sandboxes. Built by the CLI; nothing here reads env or flags.
@@ -64,6 +64,22 @@ impl Drop for Shared {
 #[derive(Debug, Clone)]
 pub struct Host {
     shared: Arc<Shared>,
+    /// slirp4netns, for [`Network::Egress`]; `None` makes egress spawns fail.
+    slirp4netns: Option<PathBuf>,
+}
+
+/// Where Debian (and most distributions) install slirp4netns. A fixed list, not a
+/// `PATH` search: only the CLI reads the environment.
+const SLIRP4NETNS_PATHS: [&str; 2] = ["/usr/bin/slirp4netns", "/usr/local/bin/slirp4netns"];
+
+/// How long the egress handshake (init in its netns, slirp4netns ready) may take.
+const NETWORK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn find_slirp4netns() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    SLIRP4NETNS_PATHS.iter().map(PathBuf::from).find(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 /// CAP_SYS_ADMIN's bit in the capability sets of `/proc/<pid>/status`.
@@ -99,6 +115,7 @@ impl Host {
                     layout: None,
                     parent_dirs: Vec::new(),
                 }),
+                slirp4netns: None,
             });
         }
         let read = |name: &str| {
@@ -129,14 +146,25 @@ impl Host {
                 layout: Some(layout),
                 parent_dirs,
             }),
+            slirp4netns: find_slirp4netns(),
         };
         host.probe()?;
+        if host.slirp4netns.is_none() {
+            tracing::warn!(
+                "slirp4netns not found ({}); functions with network egress cannot start",
+                SLIRP4NETNS_PATHS.join(", ")
+            );
+        }
         Ok(host)
     }
 
-    /// Runs init through every namespace step without a program, proving that the
-    /// kernel lets us (and that `init_exe` really dispatches `__sandbox-init`).
+    /// Runs init through every isolation step without a program (a rootfs with nothing
+    /// but `/` at `/var/task`, uid/gid 65534, seccomp), proving that the kernel lets us
+    /// (pivot_root, say, fails on an initramfs root) and that `init_exe` really
+    /// dispatches `__sandbox-init`.
     fn probe(&self) -> Result<(), Error> {
+        let mut rootfs = Rootfs::new("/");
+        rootfs.ro_binds.clear();
         let spec = InstanceSpec {
             id: "probe".into(),
             program: PathBuf::from("/"),
@@ -144,7 +172,7 @@ impl Host {
             env: Vec::new(),
             workdir: PathBuf::from("/"),
             limits: Limits::default(),
-            isolation: Isolation::default(),
+            isolation: Isolation::function(65534, 65534, rootfs, Network::None),
         };
         let mut init = InitSpec::new(&spec, Vec::new(), true);
         init.probe = true;
@@ -167,6 +195,16 @@ impl Host {
         )))
     }
 
+    /// Whether [`Network::Egress`] instances can start (slirp4netns was found).
+    pub fn egress_available(&self) -> bool {
+        self.slirp4netns.is_some()
+    }
+
+    /// Overrides the slirp4netns binary found at start-up (`None`: egress unavailable).
+    pub fn set_slirp4netns(&mut self, path: Option<PathBuf>) {
+        self.slirp4netns = path;
+    }
+
     /// `None` when running without a sandbox.
     pub fn cgroup_version(&self) -> Option<CgroupVersion> {
         self.shared.layout.as_ref().map(Layout::version)
@@ -177,9 +215,24 @@ impl Host {
         &self.shared.parent_dirs
     }
 
-    /// Creates the instance's cgroups with its limits, then starts init in them.
+    /// Creates the instance's cgroups with its limits, then starts init in them. For
+    /// [`Network::Egress`] it also brings up slirp4netns before returning (blocking for
+    /// a few milliseconds), and fails with [`Error::EgressUnavailable`] without it.
     pub fn spawn(&self, spec: &InstanceSpec) -> Result<Instance, Error> {
         spec.validate()?;
+        if let Network::Egress { .. } = spec.isolation.network {
+            if self.shared.layout.is_none() {
+                return Err(Error::EgressUnavailable(
+                    "network egress needs the sandbox (not --insecure-no-sandbox)".into(),
+                ));
+            }
+            if self.slirp4netns.is_none() {
+                return Err(Error::EgressUnavailable(format!(
+                    "slirp4netns is not installed (looked in {})",
+                    SLIRP4NETNS_PATHS.join(", ")
+                )));
+            }
+        }
         let Some(layout) = &self.shared.layout else {
             let init = InitSpec::new(spec, Vec::new(), false);
             return self.start(spec, init, None);
@@ -200,7 +253,21 @@ impl Host {
         let mut guard = CgroupGuard(cgroup);
         let json = serde_json::to_string(&init).map_err(Error::EncodeSpec)?;
         let (host_end, child_end) = UnixStream::pair().map_err(Error::CreateSocketPair)?;
-        let child_end = above_stdio(child_end.into())?;
+        let child_end = above_fixed_fds(child_end.into())?;
+        let egress = match init.isolation.network {
+            Network::Egress {
+                allow_host_loopback,
+            } if init.namespaces => Some(allow_host_loopback),
+            _ => None,
+        };
+        let (sync_host, sync_child) = match egress {
+            Some(_) => {
+                let (h, c) = UnixStream::pair().map_err(Error::CreateSocketPair)?;
+                (Some(h), Some(above_fixed_fds(c.into())?))
+            }
+            None => (None, None),
+        };
+        let sync_fd: Option<RawFd> = sync_child.as_ref().map(|f| f.as_raw_fd());
         let (out_r, out_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::CreatePipe(e.into()))?;
         let out_w2 = out_w.try_clone().map_err(Error::CreatePipe)?;
@@ -219,16 +286,18 @@ impl Host {
             // Without namespaces the process group is the only handle on descendants.
             cmd.process_group(0);
         }
-        // SAFETY: the closure runs between fork and exec and only calls dup2/fcntl,
-        // which are async-signal-safe, on an fd number captured by value.
+        // SAFETY: the closure runs between fork and exec and only calls dup2, which is
+        // async-signal-safe, on fd numbers captured by value. Both sources are above
+        // the fixed fds (above_fixed_fds), so neither dup2 clobbers the other's source,
+        // and dup2 to a different number leaves the copy without CLOEXEC.
         unsafe {
             cmd.pre_exec(move || {
-                if child_fd == CONTROL_FD {
-                    // dup2 onto itself keeps CLOEXEC; clear it explicitly.
-                    if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(child_fd, CONTROL_FD) < 0 {
+                if libc::dup2(child_fd, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = sync_fd
+                    && libc::dup2(fd, SYNC_FD) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -238,12 +307,13 @@ impl Host {
         // Close our copies of the child's ends now, or the output pipe never reaches EOF.
         drop(cmd);
         drop(child_end);
+        drop(sync_child);
         nix::fcntl::fcntl(
             out_r.as_raw_fd(),
             nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
         )
         .map_err(|e| Error::CreatePipe(e.into()))?;
-        Ok(Instance {
+        let mut inst = Instance {
             id: spec.id.clone(),
             child,
             status: None,
@@ -251,10 +321,162 @@ impl Host {
             output: Some(out_r),
             cgroup: guard.0.take(),
             namespaces: init.namespaces,
+            slirp: None,
             _shared: self.shared.clone(),
-        })
+        };
+        if let (Some(allow_host_loopback), Some(sync)) = (egress, sync_host) {
+            // On failure `inst` drops: init and its cgroup go, and init (which only
+            // ever sees EOF instead of `G`) never runs the program.
+            let slirp = self
+                .slirp4netns
+                .as_deref()
+                .ok_or_else(|| Error::EgressUnavailable("slirp4netns is not installed".into()))?;
+            inst.slirp = Some(start_network(slirp, &mut inst, sync, allow_host_loopback)?);
+        }
+        Ok(inst)
     }
 }
+
+/// slirp4netns for one instance: killed and reaped with it, and gone by itself if the
+/// host dies (its exit fd is a pipe whose write end only the host holds).
+#[derive(Debug)]
+struct Slirp {
+    child: Child,
+    _exit_w: OwnedFd,
+}
+
+impl Slirp {
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn net_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::StartNetwork(format!("{what}: {e}"))
+}
+
+/// Reads one byte from `fd` within `NETWORK_TIMEOUT` (`None` on EOF).
+fn read_byte(fd: RawFd, what: &str) -> Result<Option<u8>, Error> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = Instant::now() + NETWORK_TIMEOUT;
+    // SAFETY: the caller keeps `fd` open for the duration of this call.
+    let bfd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(net_err(what, "timed out"));
+        }
+        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as u16 as i32)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(bfd, PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(net_err(what, e)),
+        }
+        let mut b = [0u8; 1];
+        match nix::unistd::read(fd, &mut b) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(b[0])),
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
+            Err(e) => return Err(net_err(what, e)),
+        }
+    }
+}
+
+/// Waits for init to be in its network namespace, starts slirp4netns on it, waits
+/// until `tap0` is configured, then releases init.
+fn start_network(
+    slirp: &std::path::Path,
+    inst: &mut Instance,
+    sync: UnixStream,
+    allow_host_loopback: bool,
+) -> Result<Slirp, Error> {
+    match read_byte(
+        sync.as_raw_fd(),
+        "wait for init to enter its network namespace",
+    )? {
+        Some(b'U') => {}
+        _ => {
+            return Err(net_err(
+                "wait for init to enter its network namespace",
+                "init exited",
+            ));
+        }
+    }
+    let (ready_r, ready_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| net_err("create ready pipe", e))?;
+    let (exit_r, exit_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| net_err("create exit pipe", e))?;
+    let ready_w = above_fixed_fds(ready_w)?;
+    let exit_r = above_fixed_fds(exit_r)?;
+    let (ready_raw, exit_raw) = (ready_w.as_raw_fd(), exit_r.as_raw_fd());
+    let mut cmd = Command::new(slirp);
+    cmd.args(["--configure", "--mtu=65520"]);
+    if !allow_host_loopback {
+        cmd.arg("--disable-host-loopback");
+    }
+    // slirp parses packets from hostile code as root on the host: let it confine
+    // itself (own mount namespace, capabilities dropped, syscall filter).
+    cmd.args(["--enable-sandbox", "--enable-seccomp"]);
+    cmd.arg(format!("--ready-fd={SLIRP_READY_FD}"))
+        .arg(format!("--exit-fd={SLIRP_EXIT_FD}"))
+        .arg(inst.pid().to_string())
+        .arg("tap0")
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only dup2 (async-signal-safe) on fd numbers captured by value; both
+    // sources are above the fixed fds.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(ready_raw, SLIRP_READY_FD) < 0 || libc::dup2(exit_raw, SLIRP_EXIT_FD) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| net_err("spawn slirp4netns", e))?;
+    drop(cmd);
+    drop(ready_w);
+    drop(exit_r);
+    let mut slirp = Slirp {
+        child,
+        _exit_w: exit_w,
+    };
+    match read_byte(ready_r.as_raw_fd(), "wait for slirp4netns") {
+        Ok(Some(_)) => {}
+        other => {
+            slirp.stop();
+            let mut why = String::new();
+            if let Some(mut err) = slirp.child.stderr.take() {
+                use std::io::Read;
+                let _ = err.read_to_string(&mut why);
+            }
+            let what = match other {
+                Err(e) => e.to_string(),
+                _ => "slirp4netns exited".into(),
+            };
+            return Err(net_err(&what, why.trim()));
+        }
+    }
+    // Nothing reads slirp's stderr from here on; a full pipe must not block it.
+    drop(slirp.child.stderr.take());
+    let mut sync = sync;
+    use std::io::Write;
+    if let Err(e) = sync.write_all(b"G") {
+        slirp.stop();
+        return Err(net_err("release init", e));
+    }
+    Ok(slirp)
+}
+
+/// Where slirp4netns finds its ready and exit fds.
+const SLIRP_READY_FD: RawFd = 3;
+const SLIRP_EXIT_FD: RawFd = 4;
 
 struct CgroupGuard(Option<InstanceCgroup>);
 
@@ -267,10 +489,10 @@ impl Drop for CgroupGuard {
     }
 }
 
-/// std's child setup dup2s stdio before our pre_exec; a control fd numbered 0..=2 would
-/// be overwritten first, so move it out of the way.
-fn above_stdio(fd: OwnedFd) -> Result<OwnedFd, Error> {
-    if fd.as_raw_fd() > 2 {
+/// std's child setup dup2s stdio before our pre_exec, and pre_exec dup2s onto fds 3
+/// and 4; a source numbered 0..=4 could be overwritten first, so move it out of the way.
+fn above_fixed_fds(fd: OwnedFd) -> Result<OwnedFd, Error> {
+    if fd.as_raw_fd() > SYNC_FD.max(SLIRP_EXIT_FD) {
         return Ok(fd);
     }
     // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
@@ -296,6 +518,7 @@ pub struct Instance {
     output: Option<OwnedFd>,
     cgroup: Option<InstanceCgroup>,
     namespaces: bool,
+    slirp: Option<Slirp>,
     _shared: Arc<Shared>,
 }
 
@@ -341,6 +564,9 @@ impl Instance {
     /// (under a freeze, so nothing forks away); init is given a moment to reap them,
     /// so nothing is left as a zombie for the host's pid 1, then is killed too.
     pub fn kill(&mut self) {
+        if let Some(s) = &mut self.slirp {
+            s.stop();
+        }
         if self.status.is_some() {
             if let Some(cg) = &self.cgroup {
                 cg.kill_all();
@@ -397,6 +623,10 @@ impl Instance {
         }
         let s = self.child.wait().map_err(Error::Wait)?;
         self.status = Some(s);
+        // The namespace slirp serves is gone with init's tree; so goes slirp.
+        if let Some(sl) = &mut self.slirp {
+            sl.stop();
+        }
         Ok(s)
     }
 

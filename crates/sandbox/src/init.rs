@@ -6,11 +6,19 @@
 //!
 //! ```text
 //! outer init (host pid ns)         inner (pid 1 of the new pid ns)
-//!   join cgroups                     make / private, mount /proc, restore oom_score_adj
-//!   unshare(NS|PID|NET|IPC|UTS)      hostname, lo up, rlimits, chdir
-//!   fork ───────────────────────────> execve(program)
+//!   compile seccomp filter           make / private; rootfs + pivot_root (or fresh /proc)
+//!   join cgroups                     restore oom_score_adj, hostname, lo up
+//!   unshare(NS|PID|NET|IPC|UTS)      rlimits, drop bounding/ambient/inheritable caps,
+//!   egress: 'U' on fd 4, wait 'G'    setgroups([]), setresgid, setresuid, clear caps,
+//!   fork ───────────────────────────>  verify, PDEATHSIG again, NO_NEW_PRIVS, chdir,
+//!                                    seccomp (last), execve(program)
 //!   wait, forward TERM/INT, exit with the child's status (128+signo when signalled)
 //! ```
+//!
+//! Egress: the host must not start slirp4netns before init is in its own network
+//! namespace (slirp joins `/proc/<pid>/ns/net` and would otherwise configure the host's),
+//! and the program must not start before the network is up; the `U`/`G` bytes on
+//! [`SYNC_FD`] order the two.
 
 use std::ffi::CString;
 use std::fmt::Display;
@@ -25,13 +33,16 @@ use nix::sys::signal::{SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigact
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, chdir, execve, fork, sethostname};
 
-use crate::spec::{InitSpec, SPEC_ENV};
+use crate::spec::{InitSpec, Network, SPEC_ENV};
 
 /// The hidden subcommand that must dispatch to [`init_main`] before any runtime starts.
 pub const INIT_ARG: &str = "__sandbox-init";
 
 /// The control channel's fd in the instance (docs/runtime-protocol.md).
 pub const CONTROL_FD: i32 = 3;
+
+/// The egress handshake socket in init (closed before the program runs).
+pub(crate) const SYNC_FD: i32 = 4;
 
 /// Exit status of init when the sandbox could not be set up (the `X` frame says why).
 pub const SETUP_FAILED_EXIT: i32 = 125;
@@ -96,6 +107,10 @@ fn run() -> Result<i32, Failure> {
                 | CloneFlags::CLONE_NEWUTS,
         ),
     )?;
+
+    if let Network::Egress { .. } = spec.isolation.network {
+        step("wait for the network", network_handshake())?;
+    }
 
     // Block the forwarded signals across fork so one arriving before CHILD is set is
     // delivered (and forwarded) after, not lost.
@@ -186,23 +201,29 @@ fn inner(spec: &InitSpec, exec: &Exec, old_mask: &SigSet, oom_adj: Option<&str>)
                 None::<&str>,
             ),
         )?;
-        step(
-            "mount /proc",
-            mount(
-                Some("proc"),
-                "/proc",
-                Some("proc"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                None::<&str>,
-            ),
-        )?;
+        match &spec.isolation.rootfs {
+            Some(rootfs) => step(
+                "enter rootfs",
+                crate::rootfs::enter(rootfs, &spec.etc_files),
+            )?,
+            None => step(
+                "mount /proc",
+                mount(
+                    Some("proc"),
+                    "/proc",
+                    Some("proc"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    None::<&str>,
+                ),
+            )?,
+        }
         if let Some(adj) = oom_adj {
             step(
                 "restore oom_score_adj",
                 std::fs::write("/proc/self/oom_score_adj", adj.trim()),
             )?;
         }
-        step("set hostname", sethostname(&spec.hostname))?;
+        step("set hostname", sethostname(&spec.isolation.hostname))?;
         step("bring up lo", loopback_up())?;
         for sig in [Signal::SIGTERM, Signal::SIGINT] {
             // SAFETY: restoring the default disposition installs no handler.
@@ -224,24 +245,132 @@ fn inner(spec: &InitSpec, exec: &Exec, old_mask: &SigSet, oom_adj: Option<&str>)
         Ok(())
     })();
     match r {
-        Ok(()) if spec.probe => {
-            // SAFETY: see the _exit in run(); the probe ends here successfully.
-            unsafe { libc::_exit(0) }
-        }
         Ok(()) => exec.run(spec),
         Err(f) => f,
     }
 }
 
-/// argv/envp prepared before fork so the child does no fallible conversions.
+/// Tells the host we are in the new network namespace, then waits until it says the
+/// network is up. Anything but `G` (EOF: the host gave up) fails closed.
+fn network_handshake() -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd 4 is the sync socket the host placed there for egress instances;
+    // nothing else in init owns it, and it is closed when this File drops.
+    let mut sock = unsafe { std::fs::File::from_raw_fd(SYNC_FD) };
+    sock.write_all(b"U")?;
+    let mut b = [0u8; 1];
+    match sock.read(&mut b)? {
+        1 if b[0] == b'G' => Ok(()),
+        _ => Err(std::io::Error::other(
+            "the host did not bring the network up",
+        )),
+    }
+}
+
+fn prctl(what: &str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), Failure> {
+    // SAFETY: the prctl operations used here take integer arguments only.
+    if unsafe { libc::prctl(op, arg, 0, 0, 0) } != 0 {
+        return Err(Failure(format!(
+            "{what}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Drops every capability and becomes `uid`/`gid`, keeping the parent-death signal and
+/// setting no_new_privs. The bounding set goes first: dropping it needs CAP_SETPCAP.
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), Failure> {
+    use caps::CapSet;
+    // Walk every bit, not just the caps this build knows: newer kernels add more.
+    for cap in 0..64 {
+        // SAFETY: integer-only prctl.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } < 0 {
+            break;
+        }
+        prctl("drop bounding capability", libc::PR_CAPBSET_DROP, cap)?;
+    }
+    step(
+        "clear ambient capabilities",
+        caps::clear(None, CapSet::Ambient),
+    )?;
+    step(
+        "clear inheritable capabilities",
+        caps::clear(None, CapSet::Inheritable),
+    )?;
+    step("setgroups", nix::unistd::setgroups(&[]))?;
+    let (g, u) = (
+        nix::unistd::Gid::from_raw(gid),
+        nix::unistd::Uid::from_raw(uid),
+    );
+    step(&format!("setresgid {gid}"), nix::unistd::setresgid(g, g, g))?;
+    step(&format!("setresuid {uid}"), nix::unistd::setresuid(u, u, u))?;
+    // A uid change to non-zero clears these already; uid 0 keeps them, so always clear.
+    step(
+        "clear effective capabilities",
+        caps::clear(None, CapSet::Effective),
+    )?;
+    step(
+        "clear permitted capabilities",
+        caps::clear(None, CapSet::Permitted),
+    )?;
+    for set in [
+        CapSet::Effective,
+        CapSet::Permitted,
+        CapSet::Inheritable,
+        CapSet::Ambient,
+    ] {
+        let left = step("read capabilities", caps::read(None, set))?;
+        if !left.is_empty() {
+            return Err(Failure(format!(
+                "verify capabilities: {set:?} still holds {left:?}"
+            )));
+        }
+    }
+    for cap in 0..64 {
+        // SAFETY: integer-only prctl.
+        match unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } {
+            0 => {}
+            1 => {
+                return Err(Failure(format!(
+                    "verify capabilities: bounding set still holds {cap}"
+                )));
+            }
+            _ => break,
+        }
+    }
+    // The uid change cleared the parent-death signal.
+    prctl(
+        "set parent death signal",
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+    )?;
+    prctl("set no_new_privs", libc::PR_SET_NO_NEW_PRIVS, 1)
+}
+
+/// argv/envp (and the seccomp program) prepared before fork so the child does no
+/// fallible conversions.
 struct Exec {
     program: CString,
     argv: Vec<CString>,
     envp: Vec<CString>,
+    seccomp: Option<seccompiler::BpfProgram>,
 }
 
 impl Exec {
-    fn new(spec: &InitSpec) -> Result<Exec, std::ffi::NulError> {
+    fn new(spec: &InitSpec) -> Result<Exec, String> {
+        let seccomp = if spec.namespaces && spec.isolation.seccomp {
+            Some(crate::seccomp::program().map_err(|e| format!("compile seccomp filter: {e}"))?)
+        } else {
+            None
+        };
+        let mut e = Exec::strings(spec).map_err(|e| e.to_string())?;
+        e.seccomp = seccomp;
+        Ok(e)
+    }
+
+    fn strings(spec: &InitSpec) -> Result<Exec, std::ffi::NulError> {
         let program = CString::new(spec.program.as_str())?;
         let mut argv = vec![program.clone()];
         for a in &spec.args {
@@ -256,10 +385,12 @@ impl Exec {
             program,
             argv,
             envp,
+            seccomp: None,
         })
     }
 
-    /// rlimits, chdir, default SIGPIPE, execve. Only returns on failure.
+    /// rlimits, identity, chdir, default SIGPIPE, seccomp, execve. Only returns on
+    /// failure (or, for the probe, exits 0 right before execve).
     fn run(&self, spec: &InitSpec) -> Failure {
         let r = (|| -> Result<std::convert::Infallible, Failure> {
             step("set RLIMIT_CORE", setrlimit(Resource::RLIMIT_CORE, 0, 0))?;
@@ -271,6 +402,9 @@ impl Exec {
                 "set RLIMIT_FSIZE",
                 setrlimit(Resource::RLIMIT_FSIZE, spec.fsize_bytes, spec.fsize_bytes),
             )?;
+            if spec.namespaces {
+                drop_privileges(spec.isolation.uid, spec.isolation.gid)?;
+            }
             step(
                 &format!("chdir {}", spec.workdir),
                 chdir(spec.workdir.as_str()),
@@ -281,6 +415,14 @@ impl Exec {
             step("reset SIGPIPE", unsafe {
                 nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl)
             })?;
+            if let Some(prog) = &self.seccomp {
+                step("install seccomp filter", crate::seccomp::install(prog))?;
+            }
+            if spec.probe {
+                // SAFETY: _exit skips atexit handlers and stdio flushing that belong
+                // to the parent's copy of this process; the probe ends here.
+                unsafe { libc::_exit(0) }
+            }
             step(
                 &format!("execve {}", spec.program),
                 execve(&self.program, &self.argv, &self.envp),
@@ -415,7 +557,8 @@ mod tests {
             fsize_bytes: 1,
             cgroup_procs: vec![],
             namespaces: true,
-            hostname: "h".into(),
+            isolation: crate::spec::Isolation::default(),
+            etc_files: vec![],
             probe: false,
         };
         assert!(Exec::new(&spec).is_err());
@@ -428,5 +571,6 @@ mod tests {
         assert_eq!(e.argv.len(), 2);
         assert_eq!(e.argv[0].to_str(), Ok("/bin/true"));
         assert_eq!(e.envp[0].to_str(), Ok("K=V"));
+        assert!(e.seccomp.is_some_and(|p| !p.is_empty()));
     }
 }

@@ -23,13 +23,18 @@ mod cgroup;
 mod host;
 mod init;
 mod mountinfo;
+mod rootfs;
+mod seccomp;
 mod spec;
 
 use std::path::PathBuf;
 
 pub use host::{Host, HostConfig, Instance};
 pub use init::{CONTROL_FD, INIT_ARG, SETUP_FAILED_EXIT, init_main};
-pub use spec::{InstanceSpec, Isolation, Limits, SPEC_ENV};
+pub use spec::{
+    Bind, DEFAULT_TMP_BYTES, InstanceSpec, Isolation, Limits, Network, RUNTIME_DIR, Rootfs,
+    SLIRP_DNS, SPEC_ENV, TASK_DIR,
+};
 
 /// Which cgroup hierarchy the host uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,4 +81,8 @@ pub enum Error {
     Spawn(std::io::Error),
     #[error("wait for sandbox init: {0}")]
     Wait(std::io::Error),
+    #[error("network egress unavailable: {0}")]
+    EgressUnavailable(String),
+    #[error("start instance network: {0}")]
+    StartNetwork(String),
 }
