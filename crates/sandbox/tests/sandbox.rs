@@ -482,8 +482,41 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[test]
 #[ignore = "measurement; run explicitly"]
 fn bench_spawn_to_exec() {
-    const N: usize = 50;
+    const N: usize = 100;
     let h = host("bench");
+    let code = tempfile::tempdir().expect("tempdir");
+    let mut full = Vec::new();
+    for n in 0..N {
+        let mut s = spec(&format!("f{n}"), "/bin/true", &[]);
+        s.isolation = Isolation::function(
+            2100,
+            2100,
+            nimbus_sandbox::Rootfs::new(code.path()),
+            nimbus_sandbox::Network::None,
+        );
+        let t = Instant::now();
+        let mut i = h.spawn(&s).expect("spawn");
+        let st = i.wait().expect("wait");
+        full.push(t.elapsed());
+        assert!(st.success());
+    }
+    let mut egress = Vec::new();
+    for n in 0..if h.egress_available() { 20 } else { 0 } {
+        let mut s = spec(&format!("e{n}"), "/bin/true", &[]);
+        s.isolation = Isolation::function(
+            2100,
+            2100,
+            nimbus_sandbox::Rootfs::new(code.path()),
+            nimbus_sandbox::Network::Egress {
+                allow_host_loopback: false,
+            },
+        );
+        let t = Instant::now();
+        let mut i = h.spawn(&s).expect("spawn");
+        let st = i.wait().expect("wait");
+        egress.push(t.elapsed());
+        assert!(st.success());
+    }
     let mut to_exit = Vec::new();
     let mut lifecycle = Vec::new();
     for n in 0..N {
@@ -538,7 +571,18 @@ fn bench_spawn_to_exec() {
     }
     println!("median of {N}:");
     println!(
-        "  sandbox spawn -> /bin/true exited      {:?}",
+        "  full isolation (rootfs, uid, seccomp) spawn -> /bin/true exited  {:?}",
+        median(full)
+    );
+    if !egress.is_empty() {
+        println!(
+            "  ... plus egress (slirp4netns), median of {}              {:?}",
+            egress.len(),
+            median(egress)
+        );
+    }
+    println!(
+        "  namespaces + cgroups only: spawn -> /bin/true exited  {:?}",
         median(to_exit)
     );
     println!(
