@@ -367,8 +367,8 @@ fn read_byte(fd: RawFd, what: &str) -> Result<Option<u8>, Error> {
         if left.is_zero() {
             return Err(net_err(what, "timed out"));
         }
-        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as u16 as i32)
-            .unwrap_or(PollTimeout::MAX);
+        let ms =
+            PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(bfd, PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
@@ -412,6 +412,15 @@ fn start_network(
     let ready_w = above_fixed_fds(ready_w)?;
     let exit_r = above_fixed_fds(exit_r)?;
     let (ready_raw, exit_raw) = (ready_w.as_raw_fd(), exit_r.as_raw_fd());
+    // slirp's diagnostics, read only if it fails to start. A memfd rather than a pipe:
+    // nobody drains it later, and a full or closed pipe would stall or kill slirp.
+    let log = std::fs::File::from(
+        nix::sys::memfd::memfd_create(
+            c"slirp4netns-log",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(|e| net_err("create slirp4netns log", e))?,
+    );
     let mut cmd = Command::new(slirp);
     cmd.args(["--configure", "--mtu=65520"]);
     if !allow_host_loopback {
@@ -427,7 +436,10 @@ fn start_network(
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::from(
+            log.try_clone()
+                .map_err(|e| net_err("dup slirp4netns log", e))?,
+        ));
     // SAFETY: only dup2 (async-signal-safe) on fd numbers captured by value; both
     // sources are above the fixed fds.
     unsafe {
@@ -452,9 +464,12 @@ fn start_network(
         other => {
             slirp.stop();
             let mut why = String::new();
-            if let Some(mut err) = slirp.child.stderr.take() {
-                use std::io::Read;
-                let _ = err.read_to_string(&mut why);
+            {
+                use std::io::{Read, Seek};
+                let mut log = &log;
+                if log.seek(std::io::SeekFrom::Start(0)).is_ok() {
+                    let _ = log.take(4096).read_to_string(&mut why);
+                }
             }
             let what = match other {
                 Err(e) => e.to_string(),
@@ -463,8 +478,6 @@ fn start_network(
             return Err(net_err(&what, why.trim()));
         }
     }
-    // Nothing reads slirp's stderr from here on; a full pipe must not block it.
-    drop(slirp.child.stderr.take());
     let mut sync = sync;
     use std::io::Write;
     if let Err(e) = sync.write_all(b"G") {

@@ -1,13 +1,15 @@
 //! nimbus-sandbox: Linux isolation of one function instance process.
 //!
-//! Owns: start-up detection of what the host can do (privileges, cgroup v1/v2 layout),
-//! per-instance cgroups (memory without swap, pids, CPU quota) and their accounting,
-//! the `__sandbox-init` child side (namespaces: mount, pid, net with only `lo`, ipc, uts;
-//! fresh `/proc`; rlimits; exec), killing and reaping instances, and the `X` frame that
-//! reports a failed setup on the control fd. Later isolation steps (pivot_root rootfs,
-//! uid drop, seccomp, capabilities, egress networking) grow [`Isolation`] and add steps
-//! to `init`; they must keep the fail-closed rule: any failed step means the program
-//! never runs.
+//! Owns: start-up detection of what the host can do (privileges, cgroup v1/v2 layout,
+//! slirp4netns), per-instance cgroups (memory without swap, pids, CPU quota) and their
+//! accounting, the `__sandbox-init` child side (namespaces: mount, pid, net, ipc, uts;
+//! a pivot_root into a fresh tmpfs root of read-only binds with the code at `/var/task`,
+//! a size-limited `/tmp`, minimal `/dev`, masked fresh `/proc`, synthetic `/etc`, no
+//! `/sys`; an unprivileged uid/gid with every capability dropped and no_new_privs; a
+//! seccomp filter; rlimits; exec), egress networking through slirp4netns (host loopback
+//! refused unless allowed), killing and reaping instances, and the `X` frame that
+//! reports a failed setup on the control fd. Fail closed: any failed step means the
+//! program never runs.
 //!
 //! Must not touch: tokio or any async runtime (init runs before one exists, and forks),
 //! the instance protocol beyond the `X` frame (the worker owns it), config files, env
@@ -17,7 +19,9 @@
 //! stdout and stderr on one pipe, fd 3 a Unix stream socket, and the spec as JSON in
 //! `NIMBUS_SANDBOX_SPEC` (see `spec::InitSpec`). Init joins the instance's cgroups,
 //! unshares namespaces, forks the program as pid 1 of the new pid namespace and waits
-//! for it, exiting with its status (128+signo when it was killed by a signal).
+//! for it, exiting with its status (128+signo when it was killed by a signal). Egress
+//! instances also get fd 4, a socket on which init says `U` once it is in its network
+//! namespace and waits for the host's `G` (slirp4netns up) before forking.
 
 mod cgroup;
 mod host;

@@ -103,7 +103,10 @@ pub struct Isolation {
     pub uid: u32,
     /// Real, effective and saved gid; supplementary groups are always emptied.
     pub gid: u32,
-    /// Install the syscall filter of [`crate::seccomp`] last before `execve`.
+    /// Install the syscall filter last before `execve`: mount/namespace/ptrace/bpf/
+    /// kexec/module/keyring/clock/... calls, foreign-arch and x32 entry points fail
+    /// with `EPERM`, `clone3` with `ENOSYS` (libc falls back to `clone`, whose
+    /// `CLONE_NEW*` flags are refused).
     pub seccomp: bool,
     pub network: Network,
 }

@@ -663,3 +663,26 @@ fn egress_without_slirp4netns_fails_closed() {
         other => panic!("expected EgressUnavailable, got {other:?}"),
     }
 }
+
+#[test]
+fn egress_whose_slirp4netns_fails_does_not_start() {
+    let mut h = host("badslirp");
+    h.set_slirp4netns(Some(PathBuf::from("/bin/false")));
+    let code = code_dir();
+    let mut s = sh("badslirp", 2016, code.path(), "echo should-not-run");
+    s.isolation.network = Network::Egress {
+        allow_host_loopback: false,
+    };
+    match h.spawn(&s) {
+        Err(Error::StartNetwork(msg)) => assert!(msg.contains("slirp4netns"), "{msg}"),
+        other => panic!("expected StartNetwork, got {other:?}"),
+    }
+    for d in h.cgroup_parent_dirs() {
+        let left: Vec<_> = std::fs::read_dir(d)
+            .expect("parent")
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .collect();
+        assert!(left.is_empty(), "instance cgroup left behind: {left:?}");
+    }
+}
