@@ -38,6 +38,13 @@ pub struct ServeArgs {
     /// Name of the cgroup under which instances are created.
     #[arg(long, env = "NIMBUS_CGROUP_PARENT", default_value = "nimbus")]
     pub cgroup_parent: String,
+    /// Functions run as uid/gid BASE+N, N being each function's sandbox id.
+    #[arg(long, env = "NIMBUS_UID_BASE", default_value_t = 100_000)]
+    pub uid_base: u32,
+    /// Let `network = "egress"` functions reach this host's loopback, where the control
+    /// API listens. Off by default.
+    #[arg(long)]
+    pub egress_allow_host_loopback: bool,
     /// Deploy these function folders once the server is up (repeatable).
     #[arg(long = "deploy", value_name = "DIR")]
     pub deploy: Vec<PathBuf>,
@@ -115,6 +122,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             log_limit: nimbus_worker::DEFAULT_LOG_LIMIT,
             queue_timeout: Duration::from_secs(2),
             init_timeout: Duration::from_secs(10),
+            uid_base: args.uid_base,
+            egress_allow_host_loopback: args.egress_allow_host_loopback,
         },
         Arc::clone(&store),
         Arc::clone(&artifacts),

@@ -196,6 +196,12 @@ impl Host {
     }
 
     /// Whether [`Network::Egress`] instances can start (slirp4netns was found).
+    /// False when started with `insecure_no_sandbox`: instances then run as plain
+    /// processes on the host's filesystem, and callers must not ask for a rootfs.
+    pub fn isolates(&self) -> bool {
+        self.cgroup_version().is_some()
+    }
+
     pub fn egress_available(&self) -> bool {
         self.slirp4netns.is_some()
     }

@@ -62,6 +62,11 @@ pub struct WorkerConfig {
     pub queue_timeout: Duration,
     /// Limit on starting an instance and loading its handler.
     pub init_timeout: Duration,
+    /// Function N runs as uid/gid `uid_base + N` (N is the store's sandbox id).
+    pub uid_base: u32,
+    /// Lets `network = "egress"` functions reach the host's loopback (off by default:
+    /// the control API listens there).
+    pub egress_allow_host_loopback: bool,
 }
 
 pub struct Worker {
@@ -82,6 +87,7 @@ struct Inner {
 struct Pool {
     function: String,
     version: u32,
+    sandbox_id: u32,
     config: FunctionConfig,
     code_dir: PathBuf,
     idle: Mutex<Vec<Live>>,
@@ -339,6 +345,7 @@ impl Inner {
         let pool = Arc::new(Pool {
             function: row.function.clone(),
             version: row.version,
+            sandbox_id: row.sandbox_id,
             slots: Arc::new(Semaphore::new(
                 row.config.concurrency.max_instances as usize,
             )),
@@ -400,7 +407,16 @@ impl Inner {
     }
 
     fn instance_spec(&self, pool: &Pool) -> Result<nimbus_sandbox::InstanceSpec, String> {
+        use nimbus_sandbox::{Bind, Isolation, RUNTIME_DIR, Rootfs, TASK_DIR};
         let c = &pool.config;
+        let isolated = self.host.isolates();
+        // Inside a sandbox the code and shims sit at Lambda's paths; without one (insecure
+        // mode) they stay where they are on the host.
+        let (task_root, runtime_root) = if isolated {
+            (PathBuf::from(TASK_DIR), PathBuf::from(RUNTIME_DIR))
+        } else {
+            (pool.code_dir.clone(), self.runtimes.dir.clone())
+        };
         let interp = |name: &str, fallback: &str| -> Result<PathBuf, String> {
             self.cfg
                 .interpreters
@@ -412,15 +428,15 @@ impl Inner {
         let (program, args) = match c.runtime {
             Runtime::Python3 => {
                 let py = interp(&c.runtime_name, "python3")?;
-                let script = self.runtimes.python.display().to_string();
+                let script = runtime_root.join("bootstrap.py").display().to_string();
                 (py, vec!["-I".into(), "-S".into(), "-u".into(), script])
             }
             Runtime::Node => {
                 let node = interp(&c.runtime_name, "node")?;
-                let script = self.runtimes.node.display().to_string();
+                let script = runtime_root.join("bootstrap.mjs").display().to_string();
                 (node, vec![script])
             }
-            Runtime::Exec => (pool.code_dir.join(&c.handler), vec![]),
+            Runtime::Exec => (task_root.join(&c.handler), vec![]),
             Runtime::Wasm => return Err("wasm functions are not supported by this worker".into()),
         };
         let id = format!(
@@ -436,13 +452,10 @@ impl Inner {
             ("HOME".into(), "/tmp".into()),
             ("NIMBUS_CONTROL_FD".into(), "3".into()),
             ("_HANDLER".into(), c.handler.clone()),
-            (
-                "LAMBDA_TASK_ROOT".into(),
-                pool.code_dir.display().to_string(),
-            ),
+            ("LAMBDA_TASK_ROOT".into(), task_root.display().to_string()),
             (
                 "LAMBDA_RUNTIME_DIR".into(),
-                self.runtimes.dir.display().to_string(),
+                runtime_root.display().to_string(),
             ),
             ("AWS_LAMBDA_FUNCTION_NAME".into(), pool.function.clone()),
             (
@@ -470,17 +483,38 @@ impl Inner {
             ),
         ];
         env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+
+        let mut isolation = Isolation::default();
+        if isolated {
+            let mut rootfs = Rootfs::new(pool.code_dir.clone());
+            rootfs.runtime_dir = Some(self.runtimes.dir.clone());
+            // /tmp is a tmpfs charged to the instance's memory cgroup: capped at half the
+            // function's memory, filling it ends in ENOSPC rather than an OOM kill.
+            rootfs.tmp_bytes =
+                nimbus_sandbox::DEFAULT_TMP_BYTES.min(u64::from(c.memory_mb) * 1024 * 1024 / 2);
+            if let Some(prefix) = install_prefix(&program) {
+                rootfs.ro_binds.push(Bind::same(prefix));
+            }
+            let network = match c.network {
+                nimbus_core::Network::None => nimbus_sandbox::Network::None,
+                nimbus_core::Network::Egress => nimbus_sandbox::Network::Egress {
+                    allow_host_loopback: self.cfg.egress_allow_host_loopback,
+                },
+            };
+            let uid = self.cfg.uid_base.saturating_add(pool.sandbox_id);
+            isolation = Isolation::function(uid, uid, rootfs, network);
+        }
         Ok(nimbus_sandbox::InstanceSpec {
             id,
             program,
             args,
             env,
-            workdir: pool.code_dir.clone(),
+            workdir: task_root,
             limits: nimbus_sandbox::Limits {
                 cpu_millis: INIT_CPU_MILLIS,
                 ..nimbus_sandbox::Limits::for_memory(c.memory_mb)
             },
-            isolation: Default::default(),
+            isolation,
         })
     }
 
@@ -494,6 +528,22 @@ impl Inner {
             self.cfg.region
         )
     }
+}
+
+/// The directory an interpreter outside `/usr` is installed in (`/opt/py/bin/python3` ->
+/// `/opt/py`), which must be visible inside the sandbox for its stdlib and libraries.
+fn install_prefix(program: &std::path::Path) -> Option<PathBuf> {
+    let real = program.canonicalize().ok()?;
+    if real.starts_with("/usr") {
+        return None;
+    }
+    let dir = real.parent()?;
+    let prefix = if dir.file_name().is_some_and(|n| n == "bin") {
+        dir.parent()?
+    } else {
+        dir
+    };
+    (prefix != std::path::Path::new("/")).then(|| prefix.to_path_buf())
 }
 
 /// Most recently used first: the warmest caches, and the others idle out sooner.
@@ -549,6 +599,20 @@ fn today() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn interpreters_outside_usr_bring_their_prefix() {
+        let tmp = std::env::temp_dir().join(format!("nimbus-prefix-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("bin")).expect("mkdir");
+        std::fs::write(tmp.join("bin/python3"), "").expect("touch");
+        let prefix = super::install_prefix(&tmp.join("bin/python3"));
+        assert_eq!(prefix, tmp.canonicalize().ok());
+        assert_eq!(
+            super::install_prefix(std::path::Path::new("/usr/bin/env")),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
     #[test]
     fn today_is_a_plausible_date() {
         let t = super::today();

@@ -47,8 +47,17 @@ impl Server {
         s
     }
 
+    /// Starts a server with extra `serve` flags on a data dir the caller owns.
+    pub fn start_with(data: &Path, extra: &[&str]) -> Server {
+        Server::launch(data, "127.0.0.1:0", None, extra)
+    }
+
     /// Starts a server on an existing data dir (for restart tests).
     pub fn start_on(data: &Path, listen: &str, cgroup_parent: Option<String>) -> Server {
+        Server::launch(data, listen, cgroup_parent, &[])
+    }
+
+    fn launch(data: &Path, listen: &str, cgroup_parent: Option<String>, extra: &[&str]) -> Server {
         let cgroup_parent = cgroup_parent.unwrap_or_else(|| {
             format!(
                 "nimbus-test-{}-{}",
@@ -65,6 +74,7 @@ impl Server {
             .expect("stderr log");
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", listen])
+            .args(extra)
             .arg("--data-dir")
             .arg(data)
             .env("NIMBUS_CGROUP_PARENT", &cgroup_parent)
