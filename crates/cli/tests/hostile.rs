@@ -1084,3 +1084,52 @@ fn egress_reaches_out_but_not_the_hosts_loopback_unless_allowed() {
     );
     drop(listener);
 }
+
+// ---------------------------------------------------------------- fail closed
+
+#[test]
+fn serve_refuses_to_run_functions_where_it_cannot_isolate_them() {
+    // Without root (here: uid 65534 with no capabilities) nimbus cannot build a sandbox,
+    // so it refuses to start rather than run code unisolated.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let chmod = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    };
+    chmod(tmp.path());
+    chmod(&data);
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg("--bounding-set=-all")
+        .arg(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("run setpriv");
+    assert!(
+        !out.status.success(),
+        "serve must refuse to start unisolated"
+    );
+    let err = stderr_of(&out);
+    assert!(err.contains("cannot isolate functions"), "{err}");
+    assert!(err.contains("--insecure-no-sandbox"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // With the explicit opt-out it runs, and says so loudly.
+    let s = Server::start_with(&tmp.path().join("insecure"), &["--insecure-no-sandbox"]);
+    s.ok(&["deploy", path_str(&example("python-hello"))]);
+    let r = s.json(&["invoke", "hello", "--data", r#"{"name":"ada"}"#]);
+    assert_eq!(r["result"]["message"], "hello ada", "{r}");
+    assert!(
+        s.stderr().contains("WARNING: --insecure-no-sandbox"),
+        "{}",
+        s.stderr()
+    );
+}
