@@ -199,6 +199,8 @@ mod tests {
             duration_ms: 2.0,
             logs: "log".into(),
             memory_mb: 128,
+            peak_memory_bytes: None,
+            cpu_ms: None,
         }
     }
 

@@ -132,6 +132,53 @@ pub struct InvokeOutcome {
     /// What the function wrote to stdout/stderr during this invocation (capped).
     pub logs: String,
     pub memory_mb: u32,
+    /// Peak memory used by the instance during this invocation, when measured.
+    pub peak_memory_bytes: Option<u64>,
+    /// CPU time used by the instance during this invocation, when measured.
+    pub cpu_ms: Option<f64>,
+}
+
+/// What the platform keeps of every invocation: the metering record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvocationRecord {
+    pub request_id: String,
+    pub function: String,
+    pub version: u32,
+    pub trigger: Trigger,
+    /// Unix time in milliseconds when the invocation started.
+    pub started_at_ms: i64,
+    pub duration_ms: f64,
+    /// Whole milliseconds billed: duration plus init (on a cold start), rounded up.
+    pub billed_ms: u64,
+    pub memory_mb: u32,
+    /// memory_mb / 1024 * billed_ms / 1000.
+    pub gb_seconds: f64,
+    /// Peak memory the instance actually used during this invocation (cgroup).
+    pub peak_memory_bytes: Option<u64>,
+    /// CPU time the instance used during this invocation (cgroup).
+    pub cpu_ms: Option<f64>,
+    pub cold_start: bool,
+    pub init_duration_ms: Option<f64>,
+    /// `success`, `function_error`, `timeout`, ... ([`InvokeStatus::code`]).
+    pub status: String,
+    pub error_type: Option<String>,
+    /// What the function printed (capped by the worker).
+    pub logs: String,
+}
+
+impl InvocationRecord {
+    pub fn billed(duration_ms: f64, init_ms: Option<f64>) -> u64 {
+        (duration_ms + init_ms.unwrap_or(0.0)).max(0.0).ceil() as u64
+    }
+
+    pub fn gb_seconds(memory_mb: u32, billed_ms: u64) -> f64 {
+        f64::from(memory_mb) / 1024.0 * billed_ms as f64 / 1000.0
+    }
+}
+
+/// Where the worker hands finished records. Must not block: implementations queue.
+pub trait RecordSink: Send + Sync + 'static {
+    fn record(&self, record: InvocationRecord);
 }
 
 /// Failures before any instance was involved.

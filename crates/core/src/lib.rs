@@ -16,8 +16,8 @@ pub mod manifest;
 pub mod routes;
 
 pub use invoke::{
-    FunctionError, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus, Invoker, Target,
-    Trigger,
+    FunctionError, InvocationRecord, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus,
+    Invoker, RecordSink, Target, Trigger,
 };
 pub use manifest::{
     AuthKind, Concurrency, FunctionConfig, ManifestError, Network, RouteSpec, Runtime,

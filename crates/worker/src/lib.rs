@@ -237,6 +237,8 @@ impl Inner {
             duration_ms: 0.0,
             logs: String::new(),
             memory_mb: pool.config.memory_mb,
+            peak_memory_bytes: None,
+            cpu_ms: None,
         };
 
         let warm = pop_live(&pool);
