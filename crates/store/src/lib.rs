@@ -87,6 +87,29 @@ pub struct FunctionRow {
     pub latest_version: u32,
     /// Where the `live` alias points.
     pub live_version: Option<u32>,
+    /// Operator overrides of the manifest's scaling (`nimbus scale`).
+    pub scale: ScaleOverride,
+}
+
+/// `nimbus scale`: replaces the manifest's `min_instances` / `max_instances` for every
+/// version of a function until cleared. `None` keeps the manifest's value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScaleOverride {
+    pub min_instances: Option<u32>,
+    pub max_instances: Option<u32>,
+}
+
+impl ScaleOverride {
+    /// Applies the override to a manifest's concurrency, keeping min <= max.
+    pub fn apply(&self, c: &mut nimbus_core::Concurrency) {
+        if let Some(max) = self.max_instances {
+            c.max_instances = max;
+        }
+        if let Some(min) = self.min_instances {
+            c.min_instances = min;
+        }
+        c.min_instances = c.min_instances.min(c.max_instances);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +310,61 @@ impl Store {
     }
 
     /// All functions, by name.
+    /// Overrides a function's scaling for all its versions (`nimbus scale`). `None`
+    /// leaves a bound as it is; `clear` drops both overrides first.
+    pub fn set_scaling(
+        &self,
+        name: &str,
+        min_instances: Option<u32>,
+        max_instances: Option<u32>,
+        clear: bool,
+    ) -> Result<FunctionRow> {
+        let limit = nimbus_core::manifest::MAX_INSTANCES_LIMIT;
+        if let Some(max) = max_instances
+            && !(1..=limit).contains(&max)
+        {
+            return Err(Error::Invalid(format!(
+                "max instances {max} is outside 1..{limit}"
+            )));
+        }
+        if let (Some(min), Some(max)) = (min_instances, max_instances)
+            && min > max
+        {
+            return Err(Error::Invalid(format!(
+                "min instances {min} is above max instances {max}"
+            )));
+        }
+        if min_instances.is_some_and(|m| m > limit) {
+            return Err(Error::Invalid(format!("min instances is above {limit}")));
+        }
+        self.write(|tx| {
+            require_function(tx, name)?;
+            if clear {
+                tx.execute(
+                    "UPDATE functions SET min_instances = NULL, max_instances = NULL
+                     WHERE name = ?1",
+                    [name],
+                )?;
+            }
+            if let Some(min) = min_instances {
+                tx.execute(
+                    "UPDATE functions SET min_instances = ?2 WHERE name = ?1",
+                    params![name, min],
+                )?;
+            }
+            if let Some(max) = max_instances {
+                tx.execute(
+                    "UPDATE functions SET max_instances = ?2 WHERE name = ?1",
+                    params![name, max],
+                )?;
+            }
+            touch_function(tx, name, &now())?;
+            let row = function_tx(tx, name)?
+                .ok_or_else(|| Error::NotFound(format!("function `{name}` not found")))?;
+            Ok((row, true))
+        })
+    }
+
     pub fn list_functions(&self) -> Result<Vec<FunctionRow>> {
         self.read(|tx| {
             let sql = format!("{FUNCTION_SELECT} ORDER BY f.name");
@@ -617,7 +695,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 const FUNCTION_SELECT: &str = "SELECT f.name, f.created_at, f.updated_at,
         (SELECT MAX(v.version) FROM versions v WHERE v.function = f.name),
-        (SELECT a.version FROM aliases a WHERE a.function = f.name AND a.name = 'live')
+        (SELECT a.version FROM aliases a WHERE a.function = f.name AND a.name = 'live'),
+        f.min_instances, f.max_instances
     FROM functions f";
 
 fn function_row(r: &Row<'_>) -> rusqlite::Result<FunctionRow> {
@@ -629,6 +708,10 @@ fn function_row(r: &Row<'_>) -> rusqlite::Result<FunctionRow> {
         // only show for a row written by something else.
         latest_version: r.get::<_, Option<u32>>(3)?.unwrap_or(0),
         live_version: r.get(4)?,
+        scale: ScaleOverride {
+            min_instances: r.get(5)?,
+            max_instances: r.get(6)?,
+        },
     })
 }
 
@@ -659,7 +742,8 @@ fn touch_function(tx: &Transaction<'_>, name: &str, now: &str) -> Result<()> {
 }
 
 const VERSION_SELECT: &str = "SELECT v.function, v.version, v.digest, v.size, v.config_json,
-     v.created_at, f.sandbox_id FROM versions v JOIN functions f ON f.name = v.function";
+     v.created_at, f.sandbox_id, f.min_instances, f.max_instances
+     FROM versions v JOIN functions f ON f.name = v.function";
 
 /// A version row before its config JSON is decoded (decoding errors are not SQL errors).
 struct RawVersion {
@@ -670,6 +754,7 @@ struct RawVersion {
     config_json: String,
     created_at: String,
     sandbox_id: u32,
+    scale: ScaleOverride,
 }
 
 impl RawVersion {
@@ -682,14 +767,21 @@ impl RawVersion {
             config_json: r.get(4)?,
             created_at: r.get(5)?,
             sandbox_id: r.get(6)?,
+            scale: ScaleOverride {
+                min_instances: r.get(7)?,
+                max_instances: r.get(8)?,
+            },
         })
     }
 
     fn decode(self) -> Result<VersionRow> {
-        let config = serde_json::from_str(&self.config_json).map_err(|source| Error::Corrupt {
-            what: format!("config of `{}` version {}", self.function, self.version),
-            source,
-        })?;
+        let mut config: FunctionConfig =
+            serde_json::from_str(&self.config_json).map_err(|source| Error::Corrupt {
+                what: format!("config of `{}` version {}", self.function, self.version),
+                source,
+            })?;
+        // Versions are immutable; the operator's scaling applies on top of each.
+        self.scale.apply(&mut config.concurrency);
         Ok(VersionRow {
             function: self.function,
             version: self.version,

@@ -71,6 +71,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     UPDATE functions SET sandbox_id = rowid;
     CREATE UNIQUE INDEX functions_by_sandbox_id ON functions (sandbox_id);
     "#,
+    // 3: operator overrides of a function's scaling (`nimbus scale`), NULL = the manifest's.
+    r#"
+    ALTER TABLE functions ADD COLUMN min_instances INTEGER;
+    ALTER TABLE functions ADD COLUMN max_instances INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -630,3 +630,54 @@ fn functions_get_distinct_stable_sandbox_ids() {
         .expect("exists");
     assert_eq!(resolved.sandbox_id, b1.version.sandbox_id);
 }
+
+#[test]
+fn scaling_overrides_apply_to_every_version_until_cleared() {
+    let f = fixture();
+    f.store
+        .deploy("sha256:aaa", 1, &config("hello", &[]))
+        .expect("deploy");
+    let row = f
+        .store
+        .set_scaling("hello", Some(2), Some(20), false)
+        .expect("scale");
+    assert_eq!(row.scale.min_instances, Some(2));
+    let v = f
+        .store
+        .resolve("hello", &Target::default())
+        .expect("resolve")
+        .expect("exists");
+    assert_eq!(v.config.concurrency.min_instances, 2);
+    assert_eq!(v.config.concurrency.max_instances, 20);
+    // Only max: min stays; a max below the manifest's min pulls min down with it.
+    f.store
+        .set_scaling("hello", None, Some(1), false)
+        .expect("scale max");
+    let v = f
+        .store
+        .resolve("hello", &Target::default())
+        .expect("resolve")
+        .expect("exists");
+    assert_eq!(v.config.concurrency.max_instances, 1);
+    assert_eq!(v.config.concurrency.min_instances, 1);
+    f.store
+        .set_scaling("hello", None, None, true)
+        .expect("clear");
+    let v = f
+        .store
+        .get_version("hello", 1)
+        .expect("get")
+        .expect("exists");
+    assert_eq!(v.config.concurrency, config("hello", &[]).concurrency);
+    for (min, max) in [(Some(3), Some(2)), (None, Some(0)), (None, Some(1001))] {
+        let err = f
+            .store
+            .set_scaling("hello", min, max, false)
+            .expect_err("invalid");
+        assert!(matches!(err, Error::Invalid(_)), "{err}");
+    }
+    assert!(matches!(
+        f.store.set_scaling("nope", Some(1), None, false),
+        Err(Error::NotFound(_))
+    ));
+}
