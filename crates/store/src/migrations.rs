@@ -76,6 +76,47 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE functions ADD COLUMN min_instances INTEGER;
     ALTER TABLE functions ADD COLUMN max_instances INTEGER;
     "#,
+    // 4: metering. One row per finished invocation, and its captured output apart so
+    // usage scans never read log text. No foreign key to `functions`: usage outlives
+    // a deleted function until retention prunes it. `invocation_logs.seq` is
+    // AUTOINCREMENT so a `logs -f` cursor never sees a number twice, even after the
+    // newest rows were pruned.
+    r#"
+    CREATE TABLE invocations (
+        request_id         TEXT PRIMARY KEY NOT NULL,
+        function           TEXT NOT NULL,
+        version            INTEGER NOT NULL,
+        trigger            TEXT NOT NULL,
+        started_at_ms      INTEGER NOT NULL,
+        duration_ms        REAL NOT NULL,
+        billed_ms          INTEGER NOT NULL CHECK (billed_ms >= 0),
+        memory_mb          INTEGER NOT NULL,
+        gb_seconds         REAL NOT NULL,
+        peak_memory_bytes  INTEGER,
+        cpu_ms             REAL,
+        cold_start         INTEGER NOT NULL CHECK (cold_start IN (0, 1)),
+        init_duration_ms   REAL,
+        status             TEXT NOT NULL,
+        error_type         TEXT
+    ) STRICT;
+    CREATE INDEX invocations_by_function_time ON invocations (function, started_at_ms);
+    CREATE INDEX invocations_by_time ON invocations (started_at_ms);
+
+    CREATE TABLE invocation_logs (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id     TEXT NOT NULL UNIQUE,
+        function       TEXT NOT NULL,
+        started_at_ms  INTEGER NOT NULL,
+        logs           TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX invocation_logs_by_function_time ON invocation_logs (function, started_at_ms);
+
+    -- Pruning deletes invocations; their output goes with them.
+    CREATE TRIGGER invocations_drop_logs AFTER DELETE ON invocations
+    BEGIN
+        DELETE FROM invocation_logs WHERE request_id = old.request_id;
+    END;
+    "#,
 ];
 
 /// The schema version this build writes.
