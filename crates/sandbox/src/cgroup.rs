@@ -98,34 +98,40 @@ fn mkdir_all(dir: &Path) -> Result<(), Error> {
 /// died without cleaning up (SIGKILL, power loss): their processes are orphans that no
 /// worker will ever talk to again. Returns how many instance cgroups were removed.
 pub(crate) fn reap_stale(parents: &[PathBuf]) -> usize {
-    let mut removed = 0;
-    for parent in parents {
-        let Ok(entries) = fs::read_dir(parent) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let dir = entry.path();
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            for attempt in 0..50 {
-                let pids: Vec<i32> = read(&dir.join("cgroup.procs"))
-                    .unwrap_or_default()
-                    .lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .collect();
-                pids.iter().for_each(|p| sigkill(*p));
-                if fs::remove_dir(&dir).is_ok() {
-                    removed += 1;
-                    break;
-                }
-                if attempt < 49 {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
+    let mut dirs: Vec<PathBuf> = parents
+        .iter()
+        .filter_map(|p| fs::read_dir(p).ok())
+        .flat_map(|entries| entries.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    let total = dirs.len();
+    // A server killed halfway through killing an instance can leave it frozen, and
+    // frozen tasks cannot die: thaw everything before killing anything.
+    for dir in &dirs {
+        let state = dir.join("freezer.state");
+        if state.exists() {
+            let _ = fs::write(&state, "THAWED");
         }
     }
-    removed
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !dirs.is_empty() && Instant::now() < deadline {
+        dirs.retain(|dir| {
+            read(&dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .for_each(sigkill);
+            fs::remove_dir(dir).is_err()
+        });
+        if !dirs.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for dir in &dirs {
+        tracing::warn!(dir = %dir.display(), "could not remove a stale instance cgroup");
+    }
+    total - dirs.len()
 }
 
 /// Removes the parent dirs if nothing is left in them; silently keeps them otherwise
@@ -255,6 +261,53 @@ impl InstanceCgroup {
             Dirs::V1 { cpu, .. } => write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string()),
             Dirs::V2 { dir } => write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}")),
         }
+    }
+
+    /// Changes the memory limit of a live instance; refused when it already uses more.
+    pub(crate) fn set_memory_bytes(&self, bytes: u64) -> Result<(), Error> {
+        if let Some(usage) = self.memory_current_bytes()
+            && usage > bytes
+        {
+            return Err(Error::SetLimit(format!(
+                "memory in use ({usage} bytes) exceeds the new limit ({bytes} bytes)"
+            )));
+        }
+        let value = bytes.to_string();
+        match &self.dirs {
+            Dirs::V1 { memory, .. } => {
+                let limit = memory.join("memory.limit_in_bytes");
+                let memsw = memory.join("memory.memsw.limit_in_bytes");
+                if !memsw.exists() {
+                    return write(&limit, &value);
+                }
+                // memsw may never be below limit_in_bytes: raise memsw first, lower it
+                // last.
+                if read_u64(&limit).is_some_and(|current| bytes > current) {
+                    write(&memsw, &value)?;
+                    write(&limit, &value)
+                } else {
+                    write(&limit, &value)?;
+                    write(&memsw, &value)
+                }
+            }
+            Dirs::V2 { dir } => write(&dir.join("memory.max"), &value),
+        }
+    }
+
+    /// Changes `pids.max` of a live instance; refused when more tasks already run.
+    pub(crate) fn set_pids_max(&self, pids_max: u32) -> Result<(), Error> {
+        let dir = match &self.dirs {
+            Dirs::V1 { pids, .. } => pids,
+            Dirs::V2 { dir } => dir,
+        };
+        if let Some(current) = read_u64(&dir.join("pids.current"))
+            && current > u64::from(pids_max)
+        {
+            return Err(Error::SetLimit(format!(
+                "{current} tasks already run, more than pids_max {pids_max}"
+            )));
+        }
+        write(&dir.join("pids.max"), &pids_max.to_string())
     }
 
     pub(crate) fn dirs(&self) -> &[PathBuf] {
@@ -565,6 +618,78 @@ mod tests {
             cg.write_limits(&Limits::default()),
             Err(Error::WriteCgroup { path, .. }) if path == memsw
         ));
+    }
+
+    #[test]
+    fn v1_memory_change_orders_memsw_and_refuses_below_usage() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), false);
+        create_parent(&layout, "nb").expect("parent");
+        let mem = tmp.path().join("memory/nb/m");
+        // Plain files do not exist until written; memsw must exist to be written.
+        fs::create_dir_all(&mem).expect("mkdir");
+        fs::write(mem.join("memory.memsw.limit_in_bytes"), "").expect("w");
+        fs::remove_dir_all(&mem).expect("rm");
+        let cg =
+            InstanceCgroup::create(&layout, "nb", "m", &Limits::for_memory(256)).expect("create");
+        fs::write(
+            mem.join("memory.memsw.limit_in_bytes"),
+            (256u64 << 20).to_string(),
+        )
+        .expect("w");
+        fs::write(mem.join("memory.usage_in_bytes"), (10u64 << 20).to_string()).expect("w");
+        cg.set_memory_bytes(64 << 20).expect("lower");
+        assert_eq!(
+            text(mem.join("memory.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(
+            text(mem.join("memory.memsw.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+        // Order, observed through a failing limit file: lowering writes the limit first
+        // (memsw untouched), raising writes memsw first.
+        let limit = mem.join("memory.limit_in_bytes");
+        fs::remove_file(&limit).expect("rm");
+        fs::create_dir(&limit).expect("mkdir");
+        assert!(cg.set_memory_bytes(32 << 20).is_err());
+        assert_eq!(
+            text(mem.join("memory.memsw.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+        fs::remove_dir(&limit).expect("rmdir");
+        fs::write(&limit, (64u64 << 20).to_string()).expect("w");
+        let memsw = mem.join("memory.memsw.limit_in_bytes");
+        fs::remove_file(&memsw).expect("rm");
+        fs::create_dir(&memsw).expect("mkdir");
+        assert!(cg.set_memory_bytes(128 << 20).is_err());
+        assert_eq!(text(limit.clone()), (64u64 << 20).to_string());
+        fs::remove_dir(&memsw).expect("rmdir");
+        // Usage above the new limit: refused, nothing written.
+        assert!(matches!(
+            cg.set_memory_bytes(8 << 20),
+            Err(Error::SetLimit(m)) if m.contains("exceeds")
+        ));
+        assert_eq!(text(limit), (64u64 << 20).to_string());
+    }
+
+    #[test]
+    fn pids_change_refuses_below_current() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().to_path_buf();
+        fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").expect("w");
+        let layout = Layout::V2 { root: root.clone() };
+        create_parent(&layout, "nb").expect("parent");
+        let cg = InstanceCgroup::create(&layout, "nb", "p", &Limits::default()).expect("create");
+        let dir = root.join("nb/p");
+        fs::write(dir.join("pids.current"), "12\n").expect("w");
+        assert!(matches!(cg.set_pids_max(8), Err(Error::SetLimit(_))));
+        assert_eq!(text(dir.join("pids.max")), "64");
+        cg.set_pids_max(16).expect("set");
+        assert_eq!(text(dir.join("pids.max")), "16");
+        fs::write(dir.join("memory.current"), "100").expect("w");
+        cg.set_memory_bytes(1 << 20).expect("v2 memory");
+        assert_eq!(text(dir.join("memory.max")), (1u64 << 20).to_string());
     }
 
     #[test]

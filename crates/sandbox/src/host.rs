@@ -1,20 +1,21 @@
 //! The host side: detection at start-up ([`Host::detect`]) and one [`Instance`] per
 //! sandboxed process.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 
 use crate::cgroup::{self, InstanceCgroup};
-use crate::init::{CONTROL_FD, INIT_ARG, SYNC_FD};
+use crate::init::{CONTROL_FD, INIT_ARG, INIT_FD};
 use crate::mountinfo::{self, Layout};
 use crate::spec::{InitSpec, InstanceSpec, Isolation, Limits, Network, Rootfs, SPEC_ENV};
+use crate::stem::{self, RequestError};
 use crate::{CgroupVersion, Error};
 
 /// How the host sandboxes. Built by the CLI; nothing here reads env or flags.
@@ -66,6 +67,8 @@ pub struct Host {
     shared: Arc<Shared>,
     /// slirp4netns, for [`Network::Egress`]; `None` makes egress spawns fail.
     slirp4netns: Option<PathBuf>,
+    /// The kernel has the mount API stem cells need.
+    stems: bool,
 }
 
 /// Where Debian (and most distributions) install slirp4netns. A fixed list, not a
@@ -116,6 +119,7 @@ impl Host {
                     parent_dirs: Vec::new(),
                 }),
                 slirp4netns: None,
+                stems: false,
             });
         }
         let read = |name: &str| {
@@ -147,8 +151,15 @@ impl Host {
                 parent_dirs,
             }),
             slirp4netns: find_slirp4netns(),
+            stems: stem::supported(),
         };
         host.probe()?;
+        if !host.stems {
+            tracing::warn!(
+                "this kernel lacks open_tree/mount_setattr (Linux 5.12): no stem cells, \
+                 every cold start starts an interpreter"
+            );
+        }
         if host.slirp4netns.is_none() {
             tracing::warn!(
                 "slirp4netns not found ({}); functions with network egress cannot start",
@@ -206,6 +217,12 @@ impl Host {
         self.slirp4netns.is_some()
     }
 
+    /// Whether stem cells ([`Rootfs::stem`], [`Instance::assign_code`]) can start: the
+    /// host sandboxes and its kernel has open_tree and mount_setattr (Linux 5.12).
+    pub fn stem_cells_available(&self) -> bool {
+        self.stems
+    }
+
     /// Overrides the slirp4netns binary found at start-up (`None`: egress unavailable).
     pub fn set_slirp4netns(&mut self, path: Option<PathBuf>) {
         self.slirp4netns = path;
@@ -239,6 +256,14 @@ impl Host {
                 )));
             }
         }
+        let stem = spec.isolation.rootfs.as_ref().is_some_and(Rootfs::is_stem);
+        if stem && !self.stems {
+            return Err(Error::StemUnavailable(if self.shared.layout.is_none() {
+                "stem cells need the sandbox (not --insecure-no-sandbox)".into()
+            } else {
+                "this kernel lacks open_tree/mount_setattr (Linux 5.12)".into()
+            }));
+        }
         let Some(layout) = &self.shared.layout else {
             let init = InitSpec::new(spec, Vec::new(), false);
             return self.start(spec, init, None);
@@ -266,14 +291,20 @@ impl Host {
             } if init.namespaces => Some(allow_host_loopback),
             _ => None,
         };
-        let (sync_host, sync_child) = match egress {
-            Some(_) => {
-                let (h, c) = UnixStream::pair().map_err(Error::CreateSocketPair)?;
-                (Some(h), Some(above_fixed_fds(c.into())?))
-            }
-            None => (None, None),
+        let (init_host, init_child) = if init.has_init_socket() {
+            use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+            let (h, c) = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| Error::CreateSocketPair(e.into()))?;
+            (Some(h), Some(above_fixed_fds(c)?))
+        } else {
+            (None, None)
         };
-        let sync_fd: Option<RawFd> = sync_child.as_ref().map(|f| f.as_raw_fd());
+        let init_fd: Option<RawFd> = init_child.as_ref().map(|f| f.as_raw_fd());
         let (out_r, out_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::CreatePipe(e.into()))?;
         let out_w2 = out_w.try_clone().map_err(Error::CreatePipe)?;
@@ -301,8 +332,8 @@ impl Host {
                 if libc::dup2(child_fd, CONTROL_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some(fd) = sync_fd
-                    && libc::dup2(fd, SYNC_FD) < 0
+                if let Some(fd) = init_fd
+                    && libc::dup2(fd, INIT_FD) < 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -313,7 +344,7 @@ impl Host {
         // Close our copies of the child's ends now, or the output pipe never reaches EOF.
         drop(cmd);
         drop(child_end);
-        drop(sync_child);
+        drop(init_child);
         nix::fcntl::fcntl(
             out_r.as_raw_fd(),
             nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
@@ -328,16 +359,20 @@ impl Host {
             cgroup: guard.0.take(),
             namespaces: init.namespaces,
             slirp: None,
+            init: None,
             _shared: self.shared.clone(),
         };
-        if let (Some(allow_host_loopback), Some(sync)) = (egress, sync_host) {
+        if let (Some(allow_host_loopback), Some(sock)) = (egress, &init_host) {
             // On failure `inst` drops: init and its cgroup go, and init (which only
             // ever sees EOF instead of `G`) never runs the program.
             let slirp = self
                 .slirp4netns
                 .as_deref()
                 .ok_or_else(|| Error::EgressUnavailable("slirp4netns is not installed".into()))?;
-            inst.slirp = Some(start_network(slirp, &mut inst, sync, allow_host_loopback)?);
+            inst.slirp = Some(start_network(slirp, &mut inst, sock, allow_host_loopback)?);
+        }
+        if init.stem() {
+            inst.init = init_host.map(|s| Mutex::new(Some(s)));
         }
         Ok(inst)
     }
@@ -396,7 +431,7 @@ fn read_byte(fd: RawFd, what: &str) -> Result<Option<u8>, Error> {
 fn start_network(
     slirp: &std::path::Path,
     inst: &mut Instance,
-    sync: UnixStream,
+    sync: &OwnedFd,
     allow_host_loopback: bool,
 ) -> Result<Slirp, Error> {
     match read_byte(
@@ -484,9 +519,7 @@ fn start_network(
             return Err(net_err(&what, why.trim()));
         }
     }
-    let mut sync = sync;
-    use std::io::Write;
-    if let Err(e) = sync.write_all(b"G") {
+    if let Err(e) = stem::send(sync.as_fd(), b"G", None) {
         slirp.stop();
         return Err(net_err("release init", e));
     }
@@ -511,7 +544,7 @@ impl Drop for CgroupGuard {
 /// std's child setup dup2s stdio before our pre_exec, and pre_exec dup2s onto fds 3
 /// and 4; a source numbered 0..=4 could be overwritten first, so move it out of the way.
 fn above_fixed_fds(fd: OwnedFd) -> Result<OwnedFd, Error> {
-    if fd.as_raw_fd() > SYNC_FD.max(SLIRP_EXIT_FD) {
+    if fd.as_raw_fd() > INIT_FD.max(SLIRP_EXIT_FD) {
         return Ok(fd);
     }
     // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
@@ -538,8 +571,14 @@ pub struct Instance {
     cgroup: Option<InstanceCgroup>,
     namespaces: bool,
     slirp: Option<Slirp>,
+    /// A stem cell's channel to its init; `None` inside once it broke (fail closed).
+    init: Option<Mutex<Option<OwnedFd>>>,
     _shared: Arc<Shared>,
 }
+
+/// How long init may take to answer a request (it answers in well under a millisecond;
+/// only a machine in distress is slower).
+const INIT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Instance {
     pub fn id(&self) -> &str {
@@ -567,6 +606,81 @@ impl Instance {
     pub fn set_cpu_millis(&self, cpu_millis: u32) -> Result<(), Error> {
         match &self.cgroup {
             Some(cg) => cg.set_cpu_millis(cpu_millis.max(crate::spec::MIN_CPU_MILLIS)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this is a stem cell waiting for (or given) its code.
+    pub fn is_stem(&self) -> bool {
+        self.init.is_some()
+    }
+
+    /// Mounts `code_dir` read-only (nosuid, nodev) at `/var/task` of a stem cell. The
+    /// host clones the directory's mount (open_tree) and hands the clone to the
+    /// instance's init, which attaches it (move_mount); the program sees it appear.
+    /// Takes well under a millisecond. Once per instance; any error means the
+    /// instance cannot be trusted with a function: discard it.
+    pub fn assign_code(&self, code_dir: &Path) -> Result<(), Error> {
+        if !self.is_stem() {
+            return Err(Error::AssignCode("not a stem cell".into()));
+        }
+        let tree = stem::detached_code_tree(code_dir).map_err(Error::AssignCode)?;
+        self.init_request(&[stem::REQ_CODE], Some(tree.as_fd()))
+            .map_err(Error::AssignCode)
+    }
+
+    /// Changes the size of a stem cell's `/tmp` (a tmpfs charged to its memory cgroup).
+    /// Fails when more than that is already in use.
+    pub fn set_tmp_bytes(&self, bytes: u64) -> Result<(), Error> {
+        let mut msg = vec![stem::REQ_TMP];
+        msg.extend_from_slice(&bytes.to_be_bytes());
+        self.init_request(&msg, None).map_err(Error::ResizeTmp)
+    }
+
+    fn init_request(&self, msg: &[u8], fd: Option<std::os::fd::BorrowedFd>) -> Result<(), String> {
+        let Some(chan) = &self.init else {
+            return Err("not a stem cell".into());
+        };
+        let mut guard = chan
+            .lock()
+            .map_err(|_| "the channel to init is poisoned".to_string())?;
+        let Some(sock) = guard.as_ref() else {
+            return Err("the channel to init broke earlier".into());
+        };
+        match stem::request(sock.as_fd(), msg, fd, INIT_REQUEST_TIMEOUT) {
+            Ok(()) => Ok(()),
+            Err(RequestError::Refused(why)) => Err(why),
+            Err(e @ RequestError::Transport(_)) => {
+                *guard = None;
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Changes the memory limit (swap stays forbidden) of a running instance: a stem
+    /// cell starts with a generous one and gets its function's at assignment. Refused
+    /// when the instance already uses more, or below the minimum (16 MB).
+    pub fn set_memory_mb(&self, memory_mb: u32) -> Result<(), Error> {
+        if memory_mb < crate::spec::MIN_MEMORY_MB {
+            return Err(Error::SetLimit(format!(
+                "memory_mb {memory_mb} < {}",
+                crate::spec::MIN_MEMORY_MB
+            )));
+        }
+        match &self.cgroup {
+            Some(cg) => cg.set_memory_bytes(u64::from(memory_mb) * 1024 * 1024),
+            None => Ok(()),
+        }
+    }
+
+    /// Changes `pids.max` of a running instance (init and every thread count); refused
+    /// when more tasks than that already run.
+    pub fn set_pids_max(&self, pids_max: u32) -> Result<(), Error> {
+        if pids_max == 0 {
+            return Err(Error::SetLimit("pids_max must be at least 1".into()));
+        }
+        match &self.cgroup {
+            Some(cg) => cg.set_pids_max(pids_max),
             None => Ok(()),
         }
     }

@@ -6,31 +6,38 @@
 //!
 //! ```text
 //! outer init (host pid ns)         inner (pid 1 of the new pid ns)
-//!   compile seccomp filter           make / private; rootfs + pivot_root (or fresh /proc)
-//!   join cgroups                     restore oom_score_adj, hostname, lo up
-//!   unshare(NS|PID|NET|IPC|UTS)      rlimits, drop bounding/ambient/inheritable caps,
+//!   compile seccomp filter           close fd 4 and the signalfd;
+//!   join cgroups                     make / private; rootfs + pivot_root (or fresh /proc)
+//!   unshare(NS|PID|NET|IPC|UTS)      restore oom_score_adj, hostname, lo up
+//!   chdir / (the pivot moves it)     rlimits, drop bounding/ambient/inheritable caps,
 //!   egress: 'U' on fd 4, wait 'G'    setgroups([]), setresgid, setresuid, clear caps,
-//!   fork ───────────────────────────>  verify, PDEATHSIG again, NO_NEW_PRIVS, chdir,
-//!                                    seccomp (last), execve(program)
-//!   wait, forward TERM/INT, exit with the child's status (128+signo when signalled)
+//!   block TERM/INT/CHLD, signalfd    verify, PDEATHSIG again, NO_NEW_PRIVS, chdir,
+//!   fork ───────────────────────────>  seccomp (last), execve(program)
+//!   poll: signalfd (forward TERM/INT, reap) and, for a stem cell, fd 4 (assignments);
+//!   exit with the child's status (128+signo when signalled)
 //! ```
 //!
-//! Egress: the host must not start slirp4netns before init is in its own network
-//! namespace (slirp joins `/proc/<pid>/ns/net` and would otherwise configure the host's),
-//! and the program must not start before the network is up; the `U`/`G` bytes on
-//! [`SYNC_FD`] order the two.
+//! Fd 4 ([`INIT_FD`]) is a `SOCK_SEQPACKET` socket to the host, present for egress
+//! instances and stem cells. Egress: the host must not start slirp4netns before init is
+//! in its own network namespace (slirp joins `/proc/<pid>/ns/net` and would otherwise
+//! configure the host's), and the program must not start before the network is up; the
+//! `U`/`G` messages order the two. Stem cells: init stays privileged in the instance's
+//! mount namespace and, on the host's request, mounts the code at `/var/task` or
+//! resizes `/tmp` (see `stem.rs`). Pivot_root moves init's root (and its cwd, once it is
+//! `/`) to the instance's root along with the program's, so its paths resolve there.
 
 use std::ffi::CString;
 use std::fmt::Display;
-use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::mount::{MsFlags, mount};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigaction};
-use nix::sys::wait::{WaitStatus, waitpid};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, chdir, execve, fork, sethostname};
 
 use crate::spec::{InitSpec, Network, SPEC_ENV};
@@ -41,8 +48,9 @@ pub const INIT_ARG: &str = "__sandbox-init";
 /// The control channel's fd in the instance (docs/runtime-protocol.md).
 pub const CONTROL_FD: i32 = 3;
 
-/// The egress handshake socket in init (closed before the program runs).
-pub(crate) const SYNC_FD: i32 = 4;
+/// The host<->init socket (egress handshake, stem assignments); the program never
+/// holds it.
+pub(crate) const INIT_FD: i32 = 4;
 
 /// Exit status of init when the sandbox could not be set up (the `X` frame says why).
 pub const SETUP_FAILED_EXIT: i32 = 125;
@@ -75,6 +83,17 @@ fn run() -> Result<i32, Failure> {
     let spec: InitSpec = step("parse spec", serde_json::from_str(&raw))?;
     let exec = step("prepare exec", Exec::new(&spec))?;
     step("close inherited fds", cloexec_from(CONTROL_FD + 1))?;
+    let init_sock = if spec.has_init_socket() {
+        // SAFETY: fcntl(F_GETFD) on an fd number only queries the descriptor table.
+        if unsafe { libc::fcntl(INIT_FD, libc::F_GETFD) } < 0 {
+            return Err(Failure("check init fd: fd 4 is not open".into()));
+        }
+        // SAFETY: the host placed the init socket at fd 4 for us; nothing else in this
+        // process owns it.
+        Some(unsafe { OwnedFd::from_raw_fd(INIT_FD) })
+    } else {
+        None
+    };
 
     if !spec.namespaces {
         // insecure_no_sandbox: a plain process with rlimits, no isolation at all.
@@ -108,37 +127,41 @@ fn run() -> Result<i32, Failure> {
         ),
     )?;
 
+    // The host's cwd would keep a copy of its whole mount tree alive in this namespace
+    // after the program detaches the old root; `/` is moved to the new root instead.
+    step("chdir /", chdir("/"))?;
+
     if let Network::Egress { .. } = spec.isolation.network {
-        step("wait for the network", network_handshake())?;
+        let sock = init_sock
+            .as_ref()
+            .ok_or_else(|| Failure("wait for the network: no init socket".into()))?;
+        step("wait for the network", network_handshake(sock.as_fd()))?;
     }
 
-    // Block the forwarded signals across fork so one arriving before CHILD is set is
-    // delivered (and forwarded) after, not lost.
-    let mut forwarded = SigSet::empty();
-    forwarded.add(Signal::SIGTERM);
-    forwarded.add(Signal::SIGINT);
+    // Signals init handles arrive on a signalfd, read in the same poll loop as the
+    // host's requests; blocked from before fork so none is lost in between.
+    let mut handled = SigSet::empty();
+    handled.add(Signal::SIGTERM);
+    handled.add(Signal::SIGINT);
+    handled.add(Signal::SIGCHLD);
     let mut old_mask = SigSet::empty();
     step(
         "block signals",
-        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded), Some(&mut old_mask)),
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled), Some(&mut old_mask)),
     )?;
-    let forward = SigAction::new(
-        SigHandler::Handler(forward_signal),
-        nix::sys::signal::SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: forward_signal only loads an atomic and calls kill(2), both
-        // async-signal-safe.
-        step("install signal forwarding", unsafe {
-            sigaction(sig, &forward)
-        })?;
-    }
+    let sfd = step(
+        "create signalfd",
+        SignalFd::with_flags(&handled, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK),
+    )?;
 
     // SAFETY: init is single-threaded (no runtime, no helper threads), so the child may
     // allocate and run arbitrary code after fork.
     match step("fork", unsafe { fork() })? {
         ForkResult::Child => {
+            // The program must never hold the host's channel to init; close-on-exec
+            // would do, but pid 1 runs setup code before exec.
+            drop(init_sock);
+            drop(sfd);
             let Failure(msg) = inner(&spec, &exec, &old_mask, oom_adj.as_deref());
             report_failure(&msg);
             // SAFETY: _exit skips atexit handlers and stdio flushing that belong to the
@@ -146,38 +169,108 @@ fn run() -> Result<i32, Failure> {
             unsafe { libc::_exit(SETUP_FAILED_EXIT) }
         }
         ForkResult::Parent { child } => {
-            CHILD.store(child.as_raw(), Ordering::SeqCst);
-            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
             // The supervisor has nothing more to say on the control channel; holding it
             // would keep the host from seeing EOF when the program closes it.
             let _ = nix::unistd::close(CONTROL_FD);
-            Ok(supervise(child))
+            let serve = if spec.stem() {
+                init_sock
+            } else {
+                drop(init_sock);
+                None
+            };
+            Ok(supervise(child, &sfd, serve))
         }
     }
 }
 
-static CHILD: AtomicI32 = AtomicI32::new(0);
+/// What a stem cell's init remembers between requests.
+#[derive(Default)]
+struct StemState {
+    code_assigned: bool,
+}
 
-extern "C" fn forward_signal(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe and takes plain integers.
-        unsafe {
-            libc::kill(pid, sig);
+/// Waits for the child while forwarding TERM/INT to it and, for a stem cell, serving
+/// the host's requests on `sock`. Returns init's exit status.
+fn supervise(child: Pid, sfd: &SignalFd, mut sock: Option<OwnedFd>) -> i32 {
+    let mut stem = StemState::default();
+    loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) | Err(Errno::EINTR) => {}
+            // ECHILD cannot happen for our own child; treat anything else as a crash.
+            Err(_) => return SETUP_FAILED_EXIT,
+        }
+        let (signals, requests) = {
+            let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+            if let Some(s) = &sock {
+                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(_) => {
+                    // Cannot wait for both any more: stop serving (the host's next
+                    // request fails, closed) and fall back to a plain wait.
+                    drop(sock);
+                    return wait_blocking(child);
+                }
+            }
+            let ready =
+                |f: Option<&PollFd>| f.and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
+            (ready(fds.first()), ready(fds.get(1)))
+        };
+        if signals {
+            while let Ok(Some(info)) = sfd.read_signal() {
+                let sig = info.ssi_signo as i32;
+                if sig == libc::SIGTERM || sig == libc::SIGINT {
+                    // SAFETY: kill(2) takes plain integers.
+                    unsafe {
+                        libc::kill(child.as_raw(), sig);
+                    }
+                }
+            }
+        }
+        if requests
+            && let Some(s) = &sock
+            && !serve_request(s.as_fd(), &mut stem)
+        {
+            sock = None;
         }
     }
 }
 
-fn supervise(child: Pid) -> i32 {
+fn wait_blocking(child: Pid) -> i32 {
     loop {
         match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, code)) => return code,
             Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
             Ok(_) | Err(Errno::EINTR) => continue,
-            // ECHILD cannot happen for our own child; treat anything else as a crash.
             Err(_) => return SETUP_FAILED_EXIT,
         }
     }
+}
+
+/// Handles one request from the host. Returns false once the channel is closed.
+fn serve_request(sock: BorrowedFd, stem: &mut StemState) -> bool {
+    use crate::stem::{self, Request};
+    let (msg, fds) = match stem::recv(sock) {
+        Ok(Some(m)) => m,
+        Ok(None) => return false,
+        Err(Errno::EAGAIN) => return true,
+        Err(_) => return false,
+    };
+    let result = match stem::parse_request(&msg, fds) {
+        Request::Code(_) if stem.code_assigned => Err("code is already assigned".to_string()),
+        Request::Code(tree) => {
+            let r = stem::attach_code(tree.as_fd());
+            stem.code_assigned = r.is_ok();
+            r
+        }
+        Request::Tmp(bytes) if bytes < 4096 => Err(format!("tmp size {bytes} < 4096")),
+        Request::Tmp(bytes) => stem::resize_tmp(bytes),
+        Request::Invalid(why) => Err(why),
+    };
+    stem::send(sock, &stem::reply(&result), None).is_ok()
 }
 
 /// Pid 1 of the new namespaces. Only returns on failure.
@@ -225,7 +318,7 @@ fn inner(spec: &InitSpec, exec: &Exec, old_mask: &SigSet, oom_adj: Option<&str>)
         }
         step("set hostname", sethostname(&spec.isolation.hostname))?;
         step("bring up lo", loopback_up())?;
-        for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
             // SAFETY: restoring the default disposition installs no handler.
             step("reset signals", unsafe {
                 sigaction(
@@ -252,19 +345,12 @@ fn inner(spec: &InitSpec, exec: &Exec, old_mask: &SigSet, oom_adj: Option<&str>)
 
 /// Tells the host we are in the new network namespace, then waits until it says the
 /// network is up. Anything but `G` (EOF: the host gave up) fails closed.
-fn network_handshake() -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    use std::os::fd::FromRawFd;
-    // SAFETY: fd 4 is the sync socket the host placed there for egress instances;
-    // nothing else in init owns it, and it is closed when this File drops.
-    let mut sock = unsafe { std::fs::File::from_raw_fd(SYNC_FD) };
-    sock.write_all(b"U")?;
-    let mut b = [0u8; 1];
-    match sock.read(&mut b)? {
-        1 if b[0] == b'G' => Ok(()),
-        _ => Err(std::io::Error::other(
-            "the host did not bring the network up",
-        )),
+fn network_handshake(sock: BorrowedFd) -> Result<(), String> {
+    crate::stem::send(sock, b"U", None).map_err(|e| e.to_string())?;
+    match crate::stem::recv(sock) {
+        Ok(Some((m, _))) if m == b"G" => Ok(()),
+        Ok(_) => Err("the host did not bring the network up".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -20,8 +20,16 @@
 //! `NIMBUS_SANDBOX_SPEC` (see `spec::InitSpec`). Init joins the instance's cgroups,
 //! unshares namespaces, forks the program as pid 1 of the new pid namespace and waits
 //! for it, exiting with its status (128+signo when it was killed by a signal). Egress
-//! instances also get fd 4, a socket on which init says `U` once it is in its network
-//! namespace and waits for the host's `G` (slirp4netns up) before forking.
+//! instances and stem cells also get fd 4, a socket to init (never to the program) on
+//! which init says `U` once it is in its network namespace and waits for the host's `G`
+//! (slirp4netns up) before forking.
+//!
+//! Stem cells ([`Rootfs::stem`]): instances started before their function is known,
+//! with an empty `/var/task`. Init stays privileged in the instance's mount namespace,
+//! outside its pid namespace, and serves the host's requests on fd 4: mount the code
+//! ([`Instance::assign_code`], a detached read-only clone the host made) or resize
+//! `/tmp` ([`Instance::set_tmp_bytes`]). [`Instance::set_memory_mb`] and
+//! [`Instance::set_pids_max`] then fit the cgroup to the function.
 
 mod cgroup;
 mod host;
@@ -30,14 +38,15 @@ mod mountinfo;
 mod rootfs;
 mod seccomp;
 mod spec;
+mod stem;
 
 use std::path::PathBuf;
 
 pub use host::{Host, HostConfig, Instance};
 pub use init::{CONTROL_FD, INIT_ARG, SETUP_FAILED_EXIT, init_main};
 pub use spec::{
-    Bind, DEFAULT_TMP_BYTES, InstanceSpec, Isolation, Limits, Network, RUNTIME_DIR, Rootfs,
-    SLIRP_DNS, SPEC_ENV, TASK_DIR,
+    Bind, DEFAULT_TMP_BYTES, InstanceSpec, Isolation, Limits, MIN_MEMORY_MB, Network, RUNTIME_DIR,
+    Rootfs, SLIRP_DNS, SPEC_ENV, STEM_TMP_BYTES, TASK_DIR,
 };
 
 /// Which cgroup hierarchy the host uses.
@@ -89,4 +98,12 @@ pub enum Error {
     EgressUnavailable(String),
     #[error("start instance network: {0}")]
     StartNetwork(String),
+    #[error("stem cells unavailable: {0}")]
+    StemUnavailable(String),
+    #[error("assign code to stem cell: {0}")]
+    AssignCode(String),
+    #[error("resize /tmp of stem cell: {0}")]
+    ResizeTmp(String),
+    #[error("change instance limit: {0}")]
+    SetLimit(String),
 }

@@ -4,7 +4,7 @@
 //! open O_PATH fds of every bind source (host view)      <- before anything is covered
 //! tmpfs on /tmp (the staging root; pivot_root moves it, so nothing of the host stays hidden)
 //!   binds from /proc/self/fd/N, remounted ro,nosuid,nodev; symlink sources recreated
-//!   /var/task, /var/runtime (ro), /tmp (size-limited tmpfs, 1777), /dev (tmpfs: null zero
+//!   /var/task (or, for a stem cell, an empty directory), /var/runtime (ro), /tmp (size-limited tmpfs, 1777), /dev (tmpfs: null zero
 //!   full random urandom binds, fd/stdin/stdout/stderr links, shm), /proc (fresh, masked),
 //!   /etc (synthetic files); no /sys
 //! remount the staging root ro; pivot_root(".", "."); detach the old root
@@ -85,7 +85,9 @@ fn open_sources(rootfs: &Rootfs) -> R<Vec<Source>> {
         }
         out.push(open_bind(&b.source, &b.target, false)?);
     }
-    out.push(open_bind(&rootfs.code_dir, Path::new(TASK_DIR), false)?);
+    if let Some(code) = &rootfs.code_dir {
+        out.push(open_bind(code, Path::new(TASK_DIR), false)?);
+    }
     if let Some(rt) = &rootfs.runtime_dir {
         out.push(open_bind(rt, Path::new(RUNTIME_DIR), false)?);
     }
@@ -255,6 +257,11 @@ pub(crate) fn enter(rootfs: &Rootfs, etc_files: &[(String, String)]) -> R<()> {
         }
     }
     drop(sources);
+    if rootfs.is_stem() {
+        // Only the mount point: init mounts the code here from outside the pid
+        // namespace once the host assigns it (`Instance::assign_code`).
+        mkdir_p(stage, Path::new(TASK_DIR))?;
+    }
 
     for (name, to) in [
         ("fd", "/proc/self/fd"),
@@ -420,6 +427,11 @@ mod tests {
         r.ro_binds = vec![crate::spec::Bind::same("/does/not/exist")];
         let err = open_sources(&r).err().expect("required missing");
         assert!(err.starts_with("stat bind source /does/not/exist"), "{err}");
+        // A stem cell opens no code dir.
+        let mut r = Rootfs::stem();
+        r.ro_binds.clear();
+        let s = open_sources(&r).expect("stem");
+        assert_eq!(s.len(), DEVICES.len());
     }
 
     #[test]

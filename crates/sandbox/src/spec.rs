@@ -232,8 +232,10 @@ pub struct Rootfs {
     /// Read-only (nosuid, nodev) binds of host paths. A source that is a symlink is
     /// recreated as the same symlink (so merged-/usr `/bin -> usr/bin` works).
     pub ro_binds: Vec<Bind>,
-    /// The function's code, bound read-only at [`TASK_DIR`].
-    pub code_dir: PathBuf,
+    /// The function's code, bound read-only at [`TASK_DIR`]. `None` makes a stem cell:
+    /// [`TASK_DIR`] is an empty mount point until [`crate::Instance::assign_code`]
+    /// mounts the code there (see [`Rootfs::stem`]).
+    pub code_dir: Option<PathBuf>,
     /// The runtime shims, bound read-only at [`RUNTIME_DIR`].
     pub runtime_dir: Option<PathBuf>,
     /// Size of the tmpfs at `/tmp` (mode 1777, nosuid, nodev).
@@ -246,6 +248,9 @@ pub struct Rootfs {
 /// Lambda's default `/tmp`.
 pub const DEFAULT_TMP_BYTES: u64 = 512 * 1024 * 1024;
 
+/// `/tmp` of a stem cell until [`crate::Instance::set_tmp_bytes`] sets the function's.
+pub const STEM_TMP_BYTES: u64 = 64 * 1024 * 1024;
+
 impl Rootfs {
     /// `code_dir` at `/var/task` plus [`Rootfs::system_binds`], 512 MiB `/tmp`, default
     /// `/etc` files. Add the interpreter's prefix (e.g. `Bind::same(sys.prefix)`) and
@@ -253,11 +258,28 @@ impl Rootfs {
     pub fn new(code_dir: impl Into<PathBuf>) -> Rootfs {
         Rootfs {
             ro_binds: Rootfs::system_binds(),
-            code_dir: code_dir.into(),
+            code_dir: Some(code_dir.into()),
             runtime_dir: None,
             tmp_bytes: DEFAULT_TMP_BYTES,
             etc_files: Vec::new(),
         }
+    }
+
+    /// A stem cell's filesystem: like [`Rootfs::new`] but with an empty [`TASK_DIR`]
+    /// (the code comes later, from [`crate::Instance::assign_code`]) and a
+    /// [`STEM_TMP_BYTES`] `/tmp`. Start its program with a working directory other than
+    /// [`TASK_DIR`]: a cwd taken before the code is mounted stays on the empty directory.
+    pub fn stem() -> Rootfs {
+        Rootfs {
+            code_dir: None,
+            tmp_bytes: STEM_TMP_BYTES,
+            ..Rootfs::new("/")
+        }
+    }
+
+    /// Whether this is a stem cell's filesystem (no code yet).
+    pub fn is_stem(&self) -> bool {
+        self.code_dir.is_none()
     }
 
     /// `/usr` and the merged-/usr links (`/bin`, `/lib`, `/lib64`, `/sbin`, each only if
@@ -281,7 +303,7 @@ impl Rootfs {
 
     fn validate(&self) -> Result<(), String> {
         for (what, p) in [
-            ("code_dir", Some(&self.code_dir)),
+            ("code_dir", self.code_dir.as_ref()),
             ("runtime_dir", self.runtime_dir.as_ref()),
         ] {
             if let Some(p) = p
@@ -504,6 +526,17 @@ impl InitSpec {
             probe: false,
         }
     }
+
+    /// A stem cell: init keeps serving code assignments after the fork.
+    pub(crate) fn stem(&self) -> bool {
+        self.namespaces && self.isolation.rootfs.as_ref().is_some_and(Rootfs::is_stem)
+    }
+
+    /// Whether the host hands init [`crate::init::INIT_FD`]: for the egress handshake
+    /// and for a stem cell's assignments.
+    pub(crate) fn has_init_socket(&self) -> bool {
+        self.namespaces && (self.stem() || matches!(self.isolation.network, Network::Egress { .. }))
+    }
 }
 
 #[cfg(test)]
@@ -645,7 +678,7 @@ mod tests {
         }
         let s = with_rootfs(|r| r.tmp_bytes = 0);
         assert!(s.validate().is_err());
-        let s = with_rootfs(|r| r.code_dir = "code".into());
+        let s = with_rootfs(|r| r.code_dir = Some("code".into()));
         assert!(s.validate().is_err());
     }
 
@@ -673,6 +706,30 @@ mod tests {
             Some("nameserver 10.0.2.3\n")
         );
         assert_eq!(files.iter().filter(|(k, _)| k == "resolv.conf").count(), 1);
+    }
+
+    #[test]
+    fn stem_rootfs_has_no_code_and_needs_the_init_socket() {
+        let r = Rootfs::stem();
+        assert!(r.is_stem());
+        assert_eq!(r.tmp_bytes, STEM_TMP_BYTES);
+        assert!(!Rootfs::new("/srv/code").is_stem());
+        let mut s = spec();
+        s.isolation = Isolation::function(1001, 1001, r, Network::None);
+        s.validate().expect("a stem spec is valid");
+        let init = InitSpec::new(&s, vec![], true);
+        assert!(init.stem() && init.has_init_socket());
+        // Without namespaces (insecure mode) nothing is a stem and init has no socket.
+        let init = InitSpec::new(&s, vec![], false);
+        assert!(!init.stem() && !init.has_init_socket());
+        let plain = InitSpec::new(&with_rootfs(|_| {}), vec![], true);
+        assert!(!plain.stem() && !plain.has_init_socket());
+        let mut egress = with_rootfs(|_| {});
+        egress.isolation.network = Network::Egress {
+            allow_host_loopback: false,
+        };
+        let init = InitSpec::new(&egress, vec![], true);
+        assert!(!init.stem() && init.has_init_socket());
     }
 
     #[test]
