@@ -1,11 +1,14 @@
 // nimbus Node.js runtime shim: loads a Lambda-style handler and serves invocations.
 //
 // Speaks the frame protocol of docs/runtime-protocol.md over fd 3. Started by the host as
-// `node bootstrap.mjs` with cwd = LAMBDA_TASK_ROOT. Only three core modules are loaded:
-// cold start is the point of this file.
+// `node bootstrap.mjs` with cwd = LAMBDA_TASK_ROOT, or, with NIMBUS_STEM=1, as a stem
+// cell: it says `R {"stem": true}` with no function yet and waits for an `A` frame carrying
+// the handler and the function's environment (the host has mounted the code at `taskRoot`
+// by then). Only three core modules are loaded: cold start is the point of this file.
 
 import { Socket } from 'node:net';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { pathToFileURL } from 'node:url';
 
 const FD = 3;
@@ -77,9 +80,7 @@ function findFile(root, base) {
   return null;
 }
 
-async function loadHandler() {
-  const root = env.LAMBDA_TASK_ROOT || process.cwd();
-  const spec = env._HANDLER || '';
+async function loadHandler(root = env.LAMBDA_TASK_ROOT || process.cwd(), spec = env._HANDLER || '') {
   // Ours (and the manifest's) reading: file before the last dot. Lambda's reading: the
   // first dot after the last slash, the rest a property path (`index.api.get`).
   const slash = spec.lastIndexOf('/');
@@ -242,8 +243,22 @@ function finish(kind, payload) {
 
 let handlerFn = null;
 let ready = false;
+const stem = env.NIMBUS_STEM === '1';
+// A stem cell takes nothing but `A` until it has its function.
+let assigned = !stem;
 
 function pump() {
+  while (!assigned && !dead && queue.length) {
+    const [kind, body] = queue.shift();
+    if (kind === 'A') {
+      assigned = true;
+      assign(body);
+    } else if (kind === 'I') {
+      dead = true;
+      initFail(errorPayload('Runtime.InvalidState', 'invocation before assignment'));
+    }
+    // other host frames are for newer shims
+  }
   while (!busy && handlerFn && queue.length) {
     const [kind, body] = queue.shift();
     if (kind !== 'I') continue; // unknown host frames are for newer shims
@@ -296,16 +311,89 @@ sock.on('data', (chunk) => {
 sock.on('end', () => process.exit(0));
 sock.on('error', () => process.exit(1));
 
-try {
-  handlerFn = await loadHandler();
-} catch (err) {
-  if (!dead) {
-    dead = true;
-    initFail(err && typeof err.errorType === 'string' ? err : toError(err));
+async function init(readyPayload) {
+  try {
+    handlerFn = await loadHandler();
+  } catch (err) {
+    if (!dead) {
+      dead = true;
+      initFail(err && typeof err.errorType === 'string' ? err : toError(err));
+    }
+  }
+  if (handlerFn && !dead) {
+    ready = true;
+    send('R', JSON.stringify(readyPayload));
+    pump();
   }
 }
-if (handlerFn && !dead) {
-  ready = true;
-  send('R', JSON.stringify({ runtime: `node ${process.versions.node}` }));
+
+// ------------------------------------------------------------------------ stem cells
+
+// What the `A` payload's fields become (Lambda's reserved variables).
+const ASSIGN_ENV = [
+  ['functionName', 'AWS_LAMBDA_FUNCTION_NAME'],
+  ['functionVersion', 'AWS_LAMBDA_FUNCTION_VERSION'],
+  ['memoryLimitMB', 'AWS_LAMBDA_FUNCTION_MEMORY_SIZE'],
+  ['logGroupName', 'AWS_LAMBDA_LOG_GROUP_NAME'],
+  ['logStreamName', 'AWS_LAMBDA_LOG_STREAM_NAME'],
+];
+
+// The function's environment, then Lambda's reserved variables (which win), then its
+// code as the working directory; then the handler loads as in a normal start.
+function assign(body) {
+  let root;
+  try {
+    const a = JSON.parse(body.toString('utf8'));
+    if (a === null || typeof a !== 'object' || Array.isArray(a)) {
+      throw new Error('the assignment is not a JSON object');
+    }
+    if (typeof a.handler !== 'string') throw new Error('handler is not a string');
+    const fnEnv = a.env ?? {};
+    if (typeof fnEnv !== 'object' || Array.isArray(fnEnv)) throw new Error('env is not an object');
+    for (const [k, v] of Object.entries(fnEnv)) env[k] = String(v);
+    for (const [field, name] of ASSIGN_ENV) {
+      if (a[field] !== undefined && a[field] !== null) env[name] = String(a[field]);
+    }
+    root = typeof a.taskRoot === 'string' && a.taskRoot ? a.taskRoot : '/var/task';
+    env._HANDLER = a.handler;
+    env.LAMBDA_TASK_ROOT = root;
+    delete env.NIMBUS_STEM;
+    process.chdir(root);
+  } catch (err) {
+    dead = true;
+    initFail(errorPayload('Runtime.InvalidAssignment', `Unable to apply the assignment: ${err.message}`));
+    return;
+  }
+  init({});
+}
+
+// Loads a throwaway ES module and a CommonJS one the way a handler loads, so the module
+// loader's first-use costs (the CommonJS export lexer alone is a WebAssembly module that
+// takes milliseconds to compile) are paid before anyone waits. Best effort.
+async function warmLoader() {
+  let dir;
+  try {
+    dir = mkdtempSync(`${tmpdir()}/.nimbus-warm-`);
+    writeFileSync(`${dir}/esm.mjs`, 'export const handler = () => 1;\n');
+    writeFileSync(`${dir}/cjs.cjs`, 'exports.handler = () => 1;\n');
+    await loadHandler(dir, 'esm.handler');
+    await loadHandler(dir, 'cjs.handler');
+  } catch {
+    // a slower first load, nothing worse
+  } finally {
+    if (dir) {
+      try {
+        rmSync(dir, { recursive: true, force: true });
+      } catch {}
+    }
+  }
+}
+
+const runtime = `node ${process.versions.node}`;
+if (stem) {
+  await warmLoader();
+  send('R', JSON.stringify({ stem: true, runtime }));
   pump();
+} else {
+  await init({ runtime });
 }

@@ -1,7 +1,10 @@
 """nimbus Python runtime shim: loads a Lambda-style handler and serves invocations.
 
 Speaks the frame protocol of docs/runtime-protocol.md over fd 3. Started by the host as
-`python3 -I -S -u bootstrap.py` with cwd = LAMBDA_TASK_ROOT.
+`python3 -I -S -u bootstrap.py` with cwd = LAMBDA_TASK_ROOT, or, with NIMBUS_STEM=1, as a
+stem cell: it says `R {"stem": true}` with no function yet and waits for an `A` frame
+carrying the handler and the function's environment (the host has mounted the code at
+`taskRoot` by then).
 
 Cold start is the point of this file, so it imports almost nothing: `posix` and `time`
 are built in, and JSON goes through the `_json` C accelerator directly because the
@@ -225,13 +228,14 @@ class _Obj:
 
 
 class LambdaContext:
-    # Read once: these do not change for the life of the instance.
-    function_name = _env("AWS_LAMBDA_FUNCTION_NAME")
-    function_version = _env("AWS_LAMBDA_FUNCTION_VERSION")
+    # Set once by _bind_context (a stem cell learns them late): they do not change for
+    # the life of the instance.
+    function_name = None
+    function_version = None
     # A str, as in Lambda's own runtime (awslambdaric reads the env var verbatim).
-    memory_limit_in_mb = _env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
-    log_group_name = _env("AWS_LAMBDA_LOG_GROUP_NAME")
-    log_stream_name = _env("AWS_LAMBDA_LOG_STREAM_NAME")
+    memory_limit_in_mb = None
+    log_group_name = None
+    log_stream_name = None
 
     def __init__(self, request_id, deadline_ms, arn, identity=None, client_context=None):
         self.aws_request_id = request_id
@@ -269,6 +273,15 @@ class LambdaContext:
             f"function_version={self.function_version},"
             f"invoked_function_arn={self.invoked_function_arn}])"
         )
+
+
+def _bind_context():
+    c = LambdaContext
+    c.function_name = _env("AWS_LAMBDA_FUNCTION_NAME")
+    c.function_version = _env("AWS_LAMBDA_FUNCTION_VERSION")
+    c.memory_limit_in_mb = _env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+    c.log_group_name = _env("AWS_LAMBDA_LOG_GROUP_NAME")
+    c.log_stream_name = _env("AWS_LAMBDA_LOG_STREAM_NAME")
 
 
 # ---------------------------------------------------------------- logging module
@@ -318,19 +331,18 @@ def _setup_logging():
 
 # ---------------------------------------------------------------- invoke
 
-def _set_trace_id(trace_id):
-    key = "_X_AMZN_TRACE_ID"
-    osmod = sys.modules.get("os")
-    if osmod is not None:  # os.environ is a copy made at import; keep both in step
-        if trace_id:
-            osmod.environ[key] = trace_id
-        else:
-            osmod.environ.pop(key, None)
-    elif trace_id:
-        _ENV[key.encode()] = trace_id.encode()
-        posix.putenv(key, trace_id)
-    elif _ENV.pop(key.encode(), None) is not None:
+def _setenv(key, value):
+    # What os.environ[key] = value does (its mapping is posix.environ), without
+    # needing `os`: the C environment for subprocesses, the dict for os.environ.
+    if value is not None:
+        _ENV[key.encode("utf-8", "surrogateescape")] = value.encode("utf-8", "surrogateescape")
+        posix.putenv(key, value)
+    elif _ENV.pop(key.encode("utf-8", "surrogateescape"), None) is not None:
         posix.unsetenv(key)
+
+
+def _set_trace_id(trace_id):
+    _setenv("_X_AMZN_TRACE_ID", trace_id or None)
 
 
 def _invoke(handler, body):
@@ -395,21 +407,100 @@ def _invoke(handler, body):
 _SHIM_FILE = _invoke.__code__.co_filename
 
 
+# ---------------------------------------------------------------- stem cells
+
+# What the `A` payload's fields become (Lambda's reserved variables).
+_ASSIGN_ENV = (
+    ("functionName", "AWS_LAMBDA_FUNCTION_NAME"),
+    ("functionVersion", "AWS_LAMBDA_FUNCTION_VERSION"),
+    ("memoryLimitMB", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+    ("logGroupName", "AWS_LAMBDA_LOG_GROUP_NAME"),
+    ("logStreamName", "AWS_LAMBDA_LOG_STREAM_NAME"),
+)
+
+
+def _preload():
+    """What handlers almost always import, loaded while nobody waits: a stem cell's
+    cold start then only pays for the function's own code."""
+    import os  # noqa: F401
+    import json  # noqa: F401
+    import traceback  # noqa: F401
+
+
+def _fail_init(err):
+    _log_error(err)
+    try:
+        _send_json(b"F", err)
+    finally:
+        posix._exit(1)
+
+
+def _await_assignment():
+    """Blocks until the host's `A` frame; returns its payload (EOF: exit quietly)."""
+    while True:
+        kind, body = _read_frame()
+        if kind is None:
+            _flush()
+            posix._exit(0)
+        if kind == b"A":
+            break
+        if kind == b"I":
+            _fail_init(_error("Runtime.InvalidState", "invocation before assignment"))
+        # other host frames are for newer shims
+    try:
+        a = _loads(body.decode("utf-8", "surrogatepass"))
+        if not isinstance(a, dict):
+            raise ValueError("the assignment is not a JSON object")
+        env = a.get("env") or {}
+        if not isinstance(env, dict):
+            raise ValueError("env is not an object")
+        if not isinstance(a.get("handler"), str):
+            raise ValueError("handler is not a string")
+    except Exception as e:
+        _fail_init(_error("Runtime.InvalidAssignment", f"Unable to read the assignment: {e}"))
+    return a
+
+
+def _apply_assignment(a):
+    """The function's environment, then Lambda's reserved variables (which win), then
+    its code as the working directory. Returns the task root."""
+    root = a.get("taskRoot") or "/var/task"
+    try:
+        for k, v in a["env"].items() if a.get("env") else ():
+            _setenv(str(k), str(v))
+        for field, var in _ASSIGN_ENV:
+            v = a.get(field)
+            if v is not None:
+                _setenv(var, str(v))
+        _setenv("_HANDLER", a["handler"])
+        _setenv("LAMBDA_TASK_ROOT", root)
+        _setenv("NIMBUS_STEM", None)
+        posix.chdir(root)
+    except Exception as e:
+        _fail_init(_error("Runtime.InvalidAssignment", f"Unable to apply the assignment: {e}"))
+    return root
+
+
 def main():
     # Subprocesses of the handler must not inherit (and be able to write to) the channel.
     posix.set_inheritable(_FD, False)
-    root = _env("LAMBDA_TASK_ROOT") or posix.getcwd()
+    v = sys.version_info
+    runtime = f"python {v[0]}.{v[1]}.{v[2]}"
+    if _env("NIMBUS_STEM") == "1":
+        _preload()
+        _send_json(b"R", {"stem": True, "runtime": runtime})
+        root = _apply_assignment(_await_assignment())
+        ready = {}
+    else:
+        root = _env("LAMBDA_TASK_ROOT") or posix.getcwd()
+        ready = {"runtime": runtime}
+    _bind_context()
     sys.path.insert(0, root)
     handler = _load_handler(_env("_HANDLER", ""))
     if isinstance(handler, dict):
-        _log_error(handler)
-        try:
-            _send_json(b"F", handler)
-        finally:
-            posix._exit(1)
+        _fail_init(handler)
     _setup_logging()
-    v = sys.version_info
-    _send_json(b"R", {"runtime": f"python {v[0]}.{v[1]}.{v[2]}"})
+    _send_json(b"R", ready)
     while True:
         kind, body = _read_frame()
         if kind is None:

@@ -41,6 +41,12 @@ def node_argv():
     return [NODE, os.path.join(NODE_SHIM_DIR, "bootstrap.mjs")]
 
 
+# What a stem cell learns only from the `A` frame.
+STEM_UNKNOWN = ("_HANDLER", "LAMBDA_TASK_ROOT", "AWS_LAMBDA_FUNCTION_NAME",
+                "AWS_LAMBDA_FUNCTION_VERSION", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+                "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME")
+
+
 def frame(kind, payload):
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return kind + len(body).to_bytes(4, "big") + body
@@ -49,7 +55,7 @@ def frame(kind, payload):
 class Instance:
     """One function instance, driven as the host drives it."""
 
-    def __init__(self, argv, task_root, handler, runtime_dir, env=None):
+    def __init__(self, argv, task_root, handler, runtime_dir, env=None, stem=False):
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         r, w = os.pipe()
         e = {
@@ -70,6 +76,11 @@ class Instance:
             "AWS_DEFAULT_REGION": "local",
             "NIMBUS_CONTROL_FD": "3",
         }
+        if stem:
+            # A stem cell starts before its function is known: nothing of it in the env.
+            for k in STEM_UNKNOWN:
+                e.pop(k)
+            e["NIMBUS_STEM"] = "1"
         e.update(env or {})
         cfd = child.fileno()
 
@@ -192,6 +203,24 @@ class ShimCase(unittest.TestCase):
         self.addCleanup(inst.kill)
         return inst
 
+    def start_stem(self):
+        # The cwd is not the code: a stem cell gets that only with its assignment.
+        d = tempfile.TemporaryDirectory()
+        self.addCleanup(d.cleanup)
+        inst = Instance(self.argv(), d.name, "", self.runtime_dir, stem=True)
+        self.addCleanup(inst.kill)
+        return inst
+
+    def assignment(self, files, handler, **extra):
+        d = tempfile.TemporaryDirectory()
+        self.addCleanup(d.cleanup)
+        write_tree(d.name, files)
+        a = {"handler": handler, "env": {"GREETING": "hi"}, "functionName": "sf",
+             "functionVersion": 7, "memoryLimitMB": 256, "logGroupName": "/aws/lambda/sf",
+             "logStreamName": "2024/01/01/[7]stem", "taskRoot": d.name}
+        a.update(extra)
+        return a
+
     def assertInitFails(self, files, handler, error_type, message_part=""):
         inst = self.start(files, handler)
         kind, body = inst.recv()
@@ -203,11 +232,104 @@ class ShimCase(unittest.TestCase):
         return body
 
 
+class StemCases:
+    """Stem mode (NIMBUS_STEM=1), the same for every shim. Subclasses give `files`, a
+    handler that reports what it sees, and `bad_files` whose handler cannot load."""
+
+    files = None
+    bad_files = None
+
+    def test_stem_assign_then_invoke(self):
+        inst = self.start_stem()
+        r = inst.ready()
+        self.assertIs(r.get("stem"), True, r)
+        self.assertTrue(r["runtime"], r)
+        a = self.assignment(self.files, "main.handler",
+                            env={"GREETING": "hi", "AWS_LAMBDA_FUNCTION_NAME": "not-mine"})
+        inst.sock.sendall(frame(b"A", a))
+        self.assertEqual(inst.recv(), ("R", {}))
+        kind, r = inst.invoke({"k": 1})
+        self.assertEqual(kind, "S", r)
+        self.assertEqual(r["event"], {"k": 1})
+        self.assertEqual(r["greeting"], "hi")
+        self.assertEqual(r["h"], "main.handler")
+        # The reserved variables come from the assignment, whatever its env says.
+        self.assertEqual((r["name"], r["envname"]), ("sf", "sf"))
+        self.assertEqual((r["version"], r["mem"]), ("7", "256"))
+        self.assertEqual((r["group"], r["stream"]), ("/aws/lambda/sf", "2024/01/01/[7]stem"))
+        self.assertEqual(r["root"], a["taskRoot"])
+        self.assertEqual(os.path.realpath(r["cwd"]), os.path.realpath(a["taskRoot"]))
+        self.assertIsNone(r["stem"])
+        self.assertEqual(r["region"], "local")  # the stem's own environment stays
+        self.assertEqual(inst.invoke(2)[1]["event"], 2)
+        self.assertEqual(inst.close(), 0)
+
+    def test_stem_bad_handler_after_assign_fails_init(self):
+        inst = self.start_stem()
+        inst.ready()
+        inst.sock.sendall(frame(b"A", self.assignment(self.bad_files, "main.handler")))
+        kind, body = inst.recv()
+        self.assertEqual(kind, "F", body)
+        self.assertEqual(body["errorType"], "Runtime.HandlerNotFound", body)
+        self.assertEqual(inst.proc.wait(TIMEOUT), 1)
+
+    def test_stem_missing_task_root_fails_init(self):
+        inst = self.start_stem()
+        inst.ready()
+        a = self.assignment(self.files, "main.handler", taskRoot="/does/not/exist/nimbus")
+        inst.sock.sendall(frame(b"A", a))
+        kind, body = inst.recv()
+        self.assertEqual((kind, body["errorType"]), ("F", "Runtime.InvalidAssignment"))
+        self.assertEqual(inst.proc.wait(TIMEOUT), 1)
+
+    def test_stem_invoke_before_assign_fails(self):
+        inst = self.start_stem()
+        inst.ready()
+        inst.sock.sendall(inst.request({}))
+        kind, body = inst.recv()
+        self.assertEqual((kind, body["errorType"]), ("F", "Runtime.InvalidState"))
+        self.assertEqual(inst.proc.wait(TIMEOUT), 1)
+
+    def test_stem_exits_on_eof_before_assign(self):
+        inst = self.start_stem()
+        inst.ready()
+        self.assertEqual(inst.close(), 0)
+
+
 # ------------------------------------------------------------------------ python
 
-class PythonShim(ShimCase):
+class PythonShim(ShimCase, StemCases):
     argv = staticmethod(python_argv)
     runtime_dir = PY_SHIM_DIR
+    files = {"main.py": """
+        import os, sys
+        def handler(e, c):
+            g = os.environ.get
+            return {"event": e, "greeting": g("GREETING"), "h": g("_HANDLER"),
+                    "name": c.function_name, "envname": g("AWS_LAMBDA_FUNCTION_NAME"),
+                    "version": c.function_version, "mem": c.memory_limit_in_mb,
+                    "group": c.log_group_name, "stream": c.log_stream_name,
+                    "root": g("LAMBDA_TASK_ROOT"), "cwd": os.getcwd(), "stem": g("NIMBUS_STEM"),
+                    "region": g("AWS_REGION"), "path0": sys.path[0]}
+        """}
+    bad_files = {"main.py": "other = 1\n"}
+
+    def test_stem_sys_path_and_subprocess_env(self):
+        files = {"main.py": """
+            import subprocess, sys
+            def handler(e, c):
+                out = subprocess.run([sys.executable, "-c",
+                                      "import os; print(os.environ.get('GREETING'))"],
+                                     capture_output=True, text=True).stdout.strip()
+                return {"path0": sys.path[0], "child": out}
+            """}
+        inst = self.start_stem()
+        inst.ready()
+        a = self.assignment(files, "main.handler")
+        inst.sock.sendall(frame(b"A", a))
+        inst.ready()
+        kind, r = inst.invoke({})
+        self.assertEqual((kind, r), ("S", {"path0": a["taskRoot"], "child": "hi"}))
 
     def test_ready_result_and_eof_exit(self):
         inst = self.start({"main.py": "def handler(e, c):\n    return {'got': e}\n"}, "main.handler")
@@ -422,9 +544,20 @@ class PythonShim(ShimCase):
 # ------------------------------------------------------------------------ node
 
 @unittest.skipUnless(NODE, "node is not installed")
-class NodeShim(ShimCase):
+class NodeShim(ShimCase, StemCases):
     argv = staticmethod(node_argv)
     runtime_dir = NODE_SHIM_DIR
+    files = {"main.mjs": """
+        export const handler = async (e, c) => {
+          const g = (k) => process.env[k] ?? null;
+          return { event: e, greeting: g('GREETING'), h: g('_HANDLER'), name: c.functionName,
+            envname: g('AWS_LAMBDA_FUNCTION_NAME'), version: c.functionVersion,
+            mem: c.memoryLimitInMB, group: c.logGroupName, stream: c.logStreamName,
+            root: g('LAMBDA_TASK_ROOT'), cwd: process.cwd(), stem: g('NIMBUS_STEM'),
+            region: g('AWS_REGION') };
+        };
+        """}
+    bad_files = {"main.mjs": "export const other = 1;\n"}
 
     def test_esm_async_context_and_eof_exit(self):
         inst = self.start({"index.mjs": """
@@ -680,18 +813,42 @@ def spawn_to_ready(argv, root, handler, runtime_dir):
     return median_ms(run)
 
 
+def stem_assign_to_ready(argv, root, handler, runtime_dir, n=10):
+    """A -> R of a stem cell that is already up: the shim's share of a stem cold start."""
+    samples = []
+    for _ in range(n):
+        inst = Instance(argv, tempfile.gettempdir(), "", runtime_dir, stem=True)
+        try:
+            inst.ready()
+            a = {"handler": handler, "env": {"GREETING": "hello"}, "functionName": "fn",
+                 "functionVersion": 1, "memoryLimitMB": 128, "taskRoot": root}
+            t = time.perf_counter()
+            inst.sock.sendall(frame(b"A", a))
+            inst.ready()
+            samples.append((time.perf_counter() - t) * 1000)
+        finally:
+            inst.close()
+    return statistics.median(samples)
+
+
 def report_timings():
     rows = [("python3 -I -S -c pass (exit)",
              median_ms(lambda: subprocess.run([PYTHON, "-I", "-S", "-c", "pass"], check=True))),
             ("python shim, spawn -> R",
              spawn_to_ready(python_argv(), os.path.join(EXAMPLES, "python-hello"),
                             "main.handler", PY_SHIM_DIR))]
+    rows.append(("python stem, A -> R",
+                 stem_assign_to_ready(python_argv(), os.path.join(EXAMPLES, "python-hello"),
+                                      "main.handler", PY_SHIM_DIR)))
     if NODE:
         rows += [("node -e 0 (exit)", median_ms(lambda: subprocess.run([NODE, "-e", "0"], check=True))),
                  ("node shim, spawn -> R",
                   spawn_to_ready(node_argv(), os.path.join(EXAMPLES, "node-hello"),
-                                 "index.handler", NODE_SHIM_DIR))]
-    print("\nspawn-to-ready, median of 10:")
+                                 "index.handler", NODE_SHIM_DIR)),
+                 ("node stem, A -> R",
+                  stem_assign_to_ready(node_argv(), os.path.join(EXAMPLES, "node-hello"),
+                                       "index.handler", NODE_SHIM_DIR))]
+    print("\nspawn-to-ready (stem: assignment-to-ready), median of 10:")
     for name, ms in rows:
         print(f"  {name:32s} {ms:7.1f} ms")
 
