@@ -71,6 +71,9 @@ pub enum Error {
 
     #[error("{0}")]
     Invalid(String),
+
+    #[error("start the metering writer thread: {0}")]
+    SpawnRecorder(#[source] std::io::Error),
 }
 
 impl Error {

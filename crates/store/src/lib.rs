@@ -22,6 +22,8 @@
 //!   routes, or routes that conflict).
 //! - Not durable: the change-feed counter. It starts at 0 at every open and only counts
 //!   changes made through this `Store` value; subscribers must treat any bump as "reload".
+//! - Metering records ([`Recorder`]) are written off the invocation path in batches and
+//!   are only crash-safe, not power-loss-safe; see [`metering`].
 //! - Not covered: artifacts. A caller must have stored the artifact durably before
 //!   [`Store::deploy`] records its digest, and should garbage-collect artifacts not in
 //!   [`Store::digests_in_use`] at start-up, because a crash between
@@ -35,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod metering;
 mod migrations;
 
 use std::path::Path;
@@ -49,6 +52,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 pub use error::Error;
+pub use metering::{Recorder, RecorderConfig, Retention};
 
 /// The alias every deploy points at its new version, and routes from manifests use.
 pub const LIVE_ALIAS: &str = "live";
