@@ -13,7 +13,9 @@
 mod build;
 mod client;
 mod init;
+mod meter;
 mod serve;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +100,10 @@ enum Command {
     Routes,
     /// Stop a function's warm instances (the next call is a cold start).
     Evict { name: String },
+    /// Usage per function: invocations, errors, cold starts, GB-seconds, latency, memory.
+    Usage(usage::UsageArgs),
+    /// Print what a function wrote to stdout/stderr, per invocation (-f to follow).
+    Logs(usage::LogsArgs),
     /// Write a new, working function folder.
     Init(init::InitArgs),
     #[command(name = "__sandbox-init", hide = true)]
@@ -170,6 +176,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm { name } => client::remove(&g, &name),
         Command::Routes => client::routes(&g),
         Command::Evict { name } => client::evict(&g, &name),
+        Command::Usage(args) => usage::usage(&g, &args),
+        Command::Logs(args) => usage::logs(&g, &args),
         Command::Init(args) => init::run(&args),
         Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
     }

@@ -51,6 +51,8 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "NIMBUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    #[command(flatten)]
+    pub metering: crate::meter::MeteringArgs,
 }
 
 pub fn run(args: ServeArgs, g: &Global) -> anyhow::Result<ExitCode> {
@@ -93,6 +95,13 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     );
     // Uploads cut off by a crash are garbage; nothing refers to them.
     artifacts.clean_tmp().context("clean artifact upload dir")?;
+
+    // --- metering: records of every invocation, /metrics, retention ---
+    let recorder = crate::meter::open_recorder(&data_dir.join("state.db"), &args.metering)?;
+    let prometheus = crate::meter::install_exporter()?;
+    let housekeeping =
+        crate::meter::spawn_housekeeping(prometheus.clone(), Arc::clone(&recorder));
+    // --- end metering ---
 
     if args.insecure_no_sandbox {
         eprintln!(
@@ -143,6 +152,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         admin_token_sha256: nimbus_control::token_digest(&token),
         unpack_limits: nimbus_artifacts::Limits::default(),
         max_payload: nimbus_core::MAX_PAYLOAD_BYTES,
+        metering: Arc::clone(&recorder),
     }));
     let gateway = nimbus_gateway::router(nimbus_gateway::GatewayState {
         routes: routes_rx,
@@ -151,6 +161,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     });
     let app = control
         .route("/health", axum::routing::get(|| async { "ok\n" }))
+        .merge(crate::meter::router(prometheus, Arc::clone(&recorder)))
         .fallback_service(gateway);
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -186,6 +197,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
 
     tracing::info!("draining done; stopping instances");
     worker.shutdown().await;
+    housekeeping.abort();
+    crate::meter::flush(recorder).await;
     reaper.abort();
     Ok(ExitCode::SUCCESS)
 }

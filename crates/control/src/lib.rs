@@ -2,7 +2,8 @@
 //!
 //! Owns: admin authentication, deploys (upload -> content-addressed artifact -> immutable
 //! version -> alias `live`), listing and deleting functions, versions and aliases,
-//! rollback, and synchronous invocation for the CLI. Every error is one [`ApiError`]
+//! rollback, synchronous invocation for the CLI, and the read side of metering (usage,
+//! memory recommendations, logs, invocation records). Every error is one [`ApiError`]
 //! with an explicit status and a `{"error": {"code", "message"}}` body.
 //!
 //! Must not touch: instances (it invokes through `Arc<dyn Invoker>`), or the gateway's
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod metering;
 
 use std::sync::Arc;
 
@@ -34,6 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 pub use error::ApiError;
+pub use metering::{RecommendationsResponse, UsageResponse};
 
 /// Everything the control API works with; built by `cli::serve`.
 pub struct ControlState {
@@ -44,6 +47,8 @@ pub struct ControlState {
     /// independent of how much of a guess was right.
     pub admin_token_sha256: [u8; 32],
     pub unpack_limits: nimbus_artifacts::Limits,
+    /// Invocation records, logs and the usage queries over them.
+    pub metering: Arc<nimbus_store::Recorder>,
     pub max_payload: usize,
 }
 
@@ -66,6 +71,10 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/evict", post(evict))
         .route("/v1/routes", get(list_routes))
+        .route("/v1/usage", get(metering::usage))
+        .route("/v1/usage/recommendations", get(metering::recommendations))
+        .route("/v1/functions/{name}/logs", get(metering::logs))
+        .route("/v1/invocations/{request_id}", get(metering::invocation))
         .route("/v1/{*rest}", axum::routing::any(unknown_path))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),

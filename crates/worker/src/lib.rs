@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod instance;
+mod metering;
 pub mod protocol;
 mod runtimes;
 

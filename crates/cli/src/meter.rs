@@ -1,0 +1,124 @@
+//! `serve`'s metering wiring: the invocation recorder, the Prometheus exporter behind
+//! `GET /metrics` (no auth, like `/health`), and the periodic housekeeping (histogram
+//! upkeep, retention).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use clap::Args;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use nimbus_store::{Recorder, RecorderConfig, Retention};
+
+/// Latency buckets (seconds) for every `*_seconds` histogram: warm invocations take
+/// milliseconds, cold starts hundreds of them, timeouts up to 15 minutes.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0,
+];
+
+/// How often retention is enforced.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often histograms are compacted (the exporter needs it without its own listener).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Args, Clone)]
+pub struct MeteringArgs {
+    /// Keep invocation records and logs this long.
+    #[arg(long, env = "NIMBUS_METERING_RETENTION", default_value = "7d")]
+    pub metering_retention: String,
+    /// Keep at most this many invocation records (the oldest go first).
+    #[arg(long, env = "NIMBUS_METERING_MAX_ROWS", default_value_t = 1_000_000)]
+    pub metering_max_rows: u64,
+}
+
+/// Opens the recorder on the state database (its own connections and writer thread).
+pub fn open_recorder(db: &std::path::Path, args: &MeteringArgs) -> anyhow::Result<Arc<Recorder>> {
+    let max_age = nimbus_core::duration::parse_duration(&args.metering_retention)
+        .map_err(|e| anyhow::anyhow!("--metering-retention: {e}"))?;
+    let config = RecorderConfig {
+        retention: Retention {
+            max_age,
+            max_rows: args.metering_max_rows,
+        },
+        ..RecorderConfig::default()
+    };
+    Ok(Arc::new(
+        Recorder::open(db, config).context("open the metering recorder")?,
+    ))
+}
+
+/// Installs the process-wide metrics recorder; call once.
+pub fn install_exporter() -> anyhow::Result<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .context("configure metric buckets")?
+        .install_recorder()
+        .context("install the metrics recorder")
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    prometheus: PrometheusHandle,
+    recorder: Arc<Recorder>,
+}
+
+/// `GET /metrics`, to be merged outside the admin-token layer.
+pub fn router(prometheus: PrometheusHandle, recorder: Arc<Recorder>) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(render))
+        .with_state(MetricsState {
+            prometheus,
+            recorder,
+        })
+}
+
+async fn render(State(st): State<MetricsState>) -> impl IntoResponse {
+    let s = st.recorder.stats();
+    metrics::counter!("nimbus_metering_records_written_total").absolute(s.written);
+    metrics::counter!("nimbus_metering_records_dropped_total").absolute(s.dropped);
+    metrics::counter!("nimbus_metering_records_failed_total").absolute(s.failed);
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        st.prometheus.render(),
+    )
+}
+
+/// Histogram upkeep and retention, until aborted.
+pub fn spawn_housekeeping(
+    prometheus: PrometheusHandle,
+    recorder: Arc<Recorder>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                _ = upkeep.tick() => prometheus.run_upkeep(),
+                _ = prune.tick() => {
+                    let r = Arc::clone(&recorder);
+                    let now = chrono::Utc::now().timestamp_millis();
+                    match tokio::task::spawn_blocking(move || r.prune(now)).await {
+                        Ok(Ok(s)) if s.expired + s.over_cap > 0 => tracing::info!(
+                            expired = s.expired,
+                            over_cap = s.over_cap,
+                            "pruned invocation records"
+                        ),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "prune invocation records"),
+                        Err(e) => tracing::error!(error = %e, "prune task panicked"),
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Writes out the records still queued; call once the worker has stopped.
+pub async fn flush(recorder: Arc<Recorder>) {
+    let _ = tokio::task::spawn_blocking(move || recorder.close()).await;
+}
