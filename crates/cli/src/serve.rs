@@ -99,8 +99,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     // --- metering: records of every invocation, /metrics, retention ---
     let recorder = crate::meter::open_recorder(&data_dir.join("state.db"), &args.metering)?;
     let prometheus = crate::meter::install_exporter()?;
-    let housekeeping =
-        crate::meter::spawn_housekeeping(prometheus.clone(), Arc::clone(&recorder));
+    let housekeeping = crate::meter::spawn_housekeeping(prometheus.clone(), Arc::clone(&recorder));
     // --- end metering ---
 
     if args.insecure_no_sandbox {
