@@ -7,7 +7,8 @@
 // by then). Only three core modules are loaded: cold start is the point of this file.
 
 import { Socket } from 'node:net';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { pathToFileURL } from 'node:url';
 
@@ -80,6 +81,51 @@ function findFile(root, base) {
   return null;
 }
 
+const requireCjs = createRequire(import.meta.url);
+
+// Node's rule: the nearest package.json decides what a `.js` file is.
+function inModuleScope(file) {
+  let dir = file.slice(0, file.lastIndexOf('/')) || '/';
+  for (;;) {
+    let text = null;
+    try {
+      text = readFileSync(`${dir === '/' ? '' : dir}/package.json`, 'utf8');
+    } catch {}
+    if (text !== null) {
+      try {
+        return JSON.parse(text).type === 'module';
+      } catch {
+        return true; // import() reports the broken package.json as Node would
+      }
+    }
+    if (dir === '/') return false;
+    dir = dir.slice(0, dir.lastIndexOf('/')) || '/';
+  }
+}
+
+function looksLikeEsm(err) {
+  if (err?.code === 'ERR_REQUIRE_ESM' || err?.code === 'ERR_REQUIRE_ASYNC_MODULE') return true;
+  return (
+    err instanceof SyntaxError &&
+    /\b(import|export)\b|import\.meta|await is only valid/.test(String(err.message))
+  );
+}
+
+// CommonJS through require, as Lambda's runtime does: import() of CommonJS costs a
+// millisecond or more (it scans the source for named exports). ES modules, and files
+// that turn out to be ES modules after all, through import().
+async function loadModule(file) {
+  if (file.endsWith('.mjs') || (file.endsWith('.js') && inModuleScope(file))) {
+    return import(pathToFileURL(file).href);
+  }
+  try {
+    return requireCjs(file);
+  } catch (err) {
+    if (looksLikeEsm(err)) return import(pathToFileURL(file).href);
+    throw err;
+  }
+}
+
 async function loadHandler(root = env.LAMBDA_TASK_ROOT || process.cwd(), spec = env._HANDLER || '') {
   // Ours (and the manifest's) reading: file before the last dot. Lambda's reading: the
   // first dot after the last slash, the rest a property path (`index.api.get`).
@@ -111,7 +157,7 @@ async function loadHandler(root = env.LAMBDA_TASK_ROOT || process.cwd(), spec = 
   }
   let mod;
   try {
-    mod = await import(pathToFileURL(file).href);
+    mod = await loadModule(file);
   } catch (err) {
     const e = toError(err);
     if (err instanceof SyntaxError) {

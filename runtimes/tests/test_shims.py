@@ -598,10 +598,20 @@ class NodeShim(ShimCase, StemCases):
              "esm-js:"),
             ({"index.mjs": "export default { handler: async (e) => 'default:' + e };\n"},
              "default:"),
+            # ES module syntax in a .js without package.json: require fails, import loads it.
+            ({"index.js": "export const handler = async (e) => 'detected:' + e;\n"},
+             "detected:"),
+            ({"package.json": '{"type": "module"}',
+              "index.js": "await Promise.resolve();\nexport const handler = async (e) => 'tla:' + e;\n"},
+             "tla:"),
+            ({"lib/package.json": '{"type": "module"}',
+              "lib/index.js": "export const handler = async (e) => 'nested-scope:' + e;\n"},
+             "nested-scope:"),
         ]
         for files, prefix in cases:
             with self.subTest(prefix=prefix):
-                inst = self.start(files, "index.handler")
+                handler = "lib/index.handler" if "lib/index.js" in files else "index.handler"
+                inst = self.start(files, handler)
                 inst.ready()
                 self.assertEqual(inst.invoke("x"), ("S", prefix + "x"))
 
