@@ -546,7 +546,7 @@ fn bench_stem_cold_start() {
         ("node, ESM", Lang::Node, esm.path(), "index.handler"),
         ("node, CommonJS", Lang::Node, cjs.path(), "index.handler"),
     ] {
-        let (mut total, mut mount) = (Vec::new(), Vec::new());
+        let (mut total, mut mount, mut idle) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..N {
             let Some(mut s) = Stem::start(&h, &format!("b{i}"), lang, rt.path()) else {
                 eprintln!("{lang:?}: not installed");
@@ -554,6 +554,7 @@ fn bench_stem_cold_start() {
             };
             // A stem waits in the pool before it is used.
             std::thread::sleep(Duration::from_millis(20));
+            idle.extend(s.inst.memory_current_bytes());
             let t = Instant::now();
             s.inst.assign_code(code).expect("assign");
             mount.push(t.elapsed());
@@ -565,7 +566,7 @@ fn bench_stem_cold_start() {
         if !total.is_empty() {
             eprintln!(
                 "{name} stem cold start (assign_code -> R), median of {}: {:.2} ms \
-                 (assign_code alone {:.3} ms); max {:.2} ms",
+                 (assign_code alone {:.3} ms); max {:.2} ms; idle stem memory {:.1} MiB",
                 total.len(),
                 median_ms(total.clone()),
                 median_ms(mount),
@@ -573,7 +574,11 @@ fn bench_stem_cold_start() {
                     .iter()
                     .max()
                     .map(|d| d.as_secs_f64() * 1000.0)
-                    .unwrap_or(0.0)
+                    .unwrap_or(0.0),
+                {
+                    idle.sort();
+                    idle.get(idle.len() / 2).copied().unwrap_or(0) as f64 / 1048576.0
+                }
             );
         }
     }
