@@ -72,7 +72,7 @@ impl Api {
         })
     }
 
-    fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+    pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
         let r = self.http.request(method, format!("{}{}", self.base, path));
         match &self.token {
             Some(t) => r.bearer_auth(t),
@@ -96,7 +96,7 @@ impl Api {
     }
 
     /// Sends and decodes a JSON answer, turning API errors into one-line messages.
-    fn json<T: DeserializeOwned>(&self, r: RequestBuilder) -> anyhow::Result<T> {
+    pub(crate) fn json<T: DeserializeOwned>(&self, r: RequestBuilder) -> anyhow::Result<T> {
         let resp = self.send(r)?;
         let status = resp.status();
         let bytes = resp.bytes().context("read response")?;
@@ -132,12 +132,12 @@ fn read_token(data_dir: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING);
     t.set_header(header.iter().map(|h| h.to_uppercase()));
@@ -337,7 +337,7 @@ pub fn invoke(g: &Global, args: &InvokeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Percent-encodes a path segment or query value.
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

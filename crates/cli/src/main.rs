@@ -14,6 +14,7 @@ mod build;
 mod client;
 mod init;
 mod meter;
+mod scale;
 mod serve;
 mod usage;
 
@@ -100,6 +101,10 @@ enum Command {
     Routes,
     /// Stop a function's warm instances (the next call is a cold start).
     Evict { name: String },
+    /// Set how many instances a function keeps warm and may run at most.
+    Scale(scale::ScaleArgs),
+    /// List running instances (of one function, or all).
+    Instances { name: Option<String> },
     /// Usage per function: invocations, errors, cold starts, GB-seconds, latency, memory.
     Usage(usage::UsageArgs),
     /// Print what a function wrote to stdout/stderr, per invocation (-f to follow).
@@ -176,6 +181,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm { name } => client::remove(&g, &name),
         Command::Routes => client::routes(&g),
         Command::Evict { name } => client::evict(&g, &name),
+        Command::Scale(args) => scale::scale(&g, &args),
+        Command::Instances { name } => scale::instances(&g, name.as_deref()),
         Command::Usage(args) => usage::usage(&g, &args),
         Command::Logs(args) => usage::logs(&g, &args),
         Command::Init(args) => init::run(&args),

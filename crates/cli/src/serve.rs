@@ -136,10 +136,11 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         Arc::clone(&store),
         Arc::clone(&artifacts),
         host,
+        Arc::clone(&recorder) as Arc<dyn nimbus_core::RecordSink>,
     )
     .context("start worker")?;
     let worker = Arc::new(worker);
-    let reaper = worker.spawn_reaper();
+    let maintainer = worker.spawn_maintainer();
     let invoker: Arc<dyn Invoker> = worker.clone();
 
     let routes_rx = spawn_route_feed(Arc::clone(&store)).await?;
@@ -198,7 +199,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     worker.shutdown().await;
     housekeeping.abort();
     crate::meter::flush(recorder).await;
-    reaper.abort();
+    maintainer.abort();
     Ok(ExitCode::SUCCESS)
 }
 

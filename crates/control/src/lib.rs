@@ -12,6 +12,7 @@
 
 mod error;
 mod metering;
+mod scaling;
 
 use std::sync::Arc;
 
@@ -70,6 +71,8 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/rollback", post(rollback))
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/evict", post(evict))
+        .route("/v1/functions/{name}/scale", post(scaling::scale))
+        .route("/v1/instances", get(scaling::list_instances))
         .route("/v1/routes", get(list_routes))
         .route("/v1/usage", get(metering::usage))
         .route("/v1/usage/recommendations", get(metering::recommendations))

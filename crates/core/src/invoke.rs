@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Which version to run: an alias resolved at call time, or a fixed version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     Alias(String),
@@ -209,4 +209,23 @@ pub trait Invoker: Send + Sync + 'static {
     /// Retires every instance of a function (after `rm`, or to force a cold start);
     /// returns how many were retired.
     fn evict(&self, function: &str) -> BoxFuture<'_, usize>;
+
+    /// The live instances, of one function or all.
+    fn instances(&self, function: Option<String>) -> BoxFuture<'_, Vec<InstanceInfo>>;
+}
+
+/// One live instance as `nimbus instances` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub function: String,
+    pub version: u32,
+    /// `starting`, `idle`, `busy` or `draining`.
+    pub state: String,
+    pub age_ms: u64,
+    pub idle_ms: Option<u64>,
+    pub invocations: u64,
+    /// Memory the instance's cgroup holds now.
+    pub memory_bytes: Option<u64>,
+    pub memory_mb: u32,
 }

@@ -16,8 +16,8 @@ pub mod manifest;
 pub mod routes;
 
 pub use invoke::{
-    FunctionError, InvocationRecord, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus,
-    Invoker, RecordSink, Target, Trigger,
+    FunctionError, InstanceInfo, InvocationRecord, InvokeError, InvokeOutcome, InvokeRequest,
+    InvokeStatus, Invoker, RecordSink, Target, Trigger,
 };
 pub use manifest::{
     AuthKind, Concurrency, FunctionConfig, ManifestError, Network, RouteSpec, Runtime,

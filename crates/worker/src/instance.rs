@@ -22,6 +22,12 @@ pub(crate) struct Live {
     logs: LogBuffer,
     pub last_used: Instant,
     pub invocations: u64,
+    /// cgroup file with the instance's peak memory; on v1 it is reset before each
+    /// invocation so the peak is that invocation's own.
+    peak_file: Option<(std::path::PathBuf, bool)>,
+    /// Peak memory and CPU time of the last invocation, when the cgroup told us.
+    pub last_peak_bytes: Option<u64>,
+    pub last_cpu_ms: Option<f64>,
 }
 
 pub(crate) enum RunError {
@@ -44,6 +50,17 @@ impl Live {
         let output = sandbox.take_output().ok_or_else(missing)?;
         control.set_nonblocking(true)?;
         let control = UnixStream::from_std(control)?;
+        let peak_file = sandbox.cgroup_dirs().into_iter().find_map(|d| {
+            let v1 = d.join("memory.max_usage_in_bytes");
+            let v2 = d.join("memory.peak");
+            if v1.exists() {
+                Some((v1, true))
+            } else if v2.exists() {
+                Some((v2, false))
+            } else {
+                None
+            }
+        });
         let output_raw = File::from(output.try_clone()?);
         let output = pipe::Receiver::from_owned_fd(output)?;
         Ok(Live {
@@ -54,6 +71,23 @@ impl Live {
             logs: LogBuffer::default(),
             last_used: Instant::now(),
             invocations: 0,
+            peak_file,
+            last_peak_bytes: None,
+            last_cpu_ms: None,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        self.sandbox.id()
+    }
+
+    /// The cgroup file holding the instance's current memory use (v1 or v2).
+    pub fn memory_file(&self) -> Option<std::path::PathBuf> {
+        self.sandbox.cgroup_dirs().into_iter().find_map(|d| {
+            ["memory.usage_in_bytes", "memory.current"]
+                .iter()
+                .map(|f| d.join(f))
+                .find(|f| f.exists())
         })
     }
 
@@ -131,6 +165,12 @@ impl Live {
             .unwrap_or(0)
             + timeout.as_millis() as u64;
         let frame = protocol::invoke_frame(request_id, deadline_ms, arn, event);
+        // v1 lets us reset the high-water mark, so the peak is this invocation's own;
+        // v2's memory.peak is the instance's peak since it started.
+        if let Some((path, true)) = &self.peak_file {
+            let _ = std::fs::write(path, "0");
+        }
+        let cpu_before = self.sandbox.cpu_usage_ns();
         let started = Instant::now();
         let write = async {
             self.control
@@ -143,7 +183,17 @@ impl Live {
             Err(_) => return Err(RunError::Timeout),
         }
         let left = timeout.saturating_sub(started.elapsed());
-        let frame = self.next_frame(left).await?;
+        let frame = self.next_frame(left).await;
+        self.last_peak_bytes = self
+            .peak_file
+            .as_ref()
+            .and_then(|(p, _)| std::fs::read_to_string(p).ok())
+            .and_then(|t| t.trim().parse().ok());
+        self.last_cpu_ms = match (cpu_before, self.sandbox.cpu_usage_ns()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
+            _ => None,
+        };
+        let frame = frame?;
         match frame.kind {
             Kind::Success => {
                 if frame.payload.len() > nimbus_core::MAX_PAYLOAD_BYTES {

@@ -11,7 +11,9 @@
 #![forbid(unsafe_code)]
 
 mod instance;
+mod maintain;
 mod metering;
+mod pool;
 pub mod protocol;
 mod runtimes;
 
@@ -24,13 +26,13 @@ use std::time::{Duration, Instant};
 use nimbus_artifacts::ArtifactStore;
 use nimbus_core::invoke::BoxFuture;
 use nimbus_core::{
-    FunctionConfig, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus, Invoker, Runtime,
+    InstanceInfo, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus, Invoker, Runtime, Target,
 };
 use nimbus_sandbox::Host;
 use nimbus_store::Store;
-use tokio::sync::Semaphore;
 
 use crate::instance::{Live, RunError};
+use crate::pool::{Pool, State};
 
 pub use runtimes::RuntimeFiles;
 
@@ -74,6 +76,8 @@ pub struct Worker {
     inner: Arc<Inner>,
 }
 
+type ResolveCache = HashMap<(String, Target), Arc<Pool>>;
+
 struct Inner {
     cfg: WorkerConfig,
     runtimes: RuntimeFiles,
@@ -81,18 +85,12 @@ struct Inner {
     artifacts: Arc<ArtifactStore>,
     host: Arc<Host>,
     pools: Mutex<HashMap<(String, u32), Arc<Pool>>>,
+    /// (function, target) -> pool, valid for one generation of the store's change feed:
+    /// the hot path skips the database until something changes.
+    resolved: Mutex<(u64, ResolveCache)>,
+    changes: tokio::sync::watch::Receiver<u64>,
+    records: Arc<dyn nimbus_core::RecordSink>,
     shutting_down: AtomicBool,
-}
-
-/// The instances of one function version.
-struct Pool {
-    function: String,
-    version: u32,
-    sandbox_id: u32,
-    config: FunctionConfig,
-    code_dir: PathBuf,
-    idle: Mutex<Vec<Live>>,
-    slots: Arc<Semaphore>,
 }
 
 impl Worker {
@@ -101,12 +99,14 @@ impl Worker {
         store: Arc<Store>,
         artifacts: Arc<ArtifactStore>,
         host: Arc<Host>,
+        records: Arc<dyn nimbus_core::RecordSink>,
     ) -> Result<Worker, Error> {
         let runtimes =
             RuntimeFiles::install(&cfg.runtime_dir).map_err(|source| Error::InstallRuntimes {
                 path: cfg.runtime_dir.clone(),
                 source,
             })?;
+        let changes = store.subscribe();
         Ok(Worker {
             inner: Arc::new(Inner {
                 cfg,
@@ -115,46 +115,21 @@ impl Worker {
                 artifacts,
                 host,
                 pools: Mutex::new(HashMap::new()),
+                resolved: Mutex::new((0, HashMap::new())),
+                changes,
+                records,
                 shutting_down: AtomicBool::new(false),
             }),
         })
     }
 
-    /// Retires idle instances past their function's `idle_timeout` (scale to zero).
-    /// Runs until the worker shuts down.
-    pub fn spawn_reaper(&self) -> tokio::task::JoinHandle<()> {
+    /// Keeps the pools in shape until shutdown: retires idle instances past their
+    /// `idle_timeout` (scale to zero) but never below `min_instances`, starts instances
+    /// up to `min_instances` (provisioned concurrency), and drains pools whose version
+    /// lost its alias or whose scaling changed.
+    pub fn spawn_maintainer(&self) -> tokio::task::JoinHandle<()> {
         let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            while !inner.shutting_down.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let pools: Vec<Arc<Pool>> = lock(&inner.pools).values().cloned().collect();
-                for pool in pools {
-                    let idle_for = Duration::from_millis(pool.config.concurrency.idle_timeout_ms);
-                    let expired: Vec<Live> = {
-                        let mut idle = lock(&pool.idle);
-                        let mut gone = Vec::new();
-                        for mut l in idle.drain(..).collect::<Vec<_>>() {
-                            if l.last_used.elapsed() < idle_for && l.is_alive() {
-                                idle.push(l);
-                            } else {
-                                gone.push(l);
-                            }
-                        }
-                        gone
-                    };
-                    if !expired.is_empty() {
-                        tracing::debug!(
-                            function = %pool.function,
-                            version = pool.version,
-                            count = expired.len(),
-                            "retiring idle instances"
-                        );
-                        retire_all(expired);
-                    }
-                }
-            }
-        })
+        tokio::spawn(async move { maintain::run(inner).await })
     }
 
     /// Kills every instance; later invocations fail with `ShuttingDown`.
@@ -163,18 +138,10 @@ impl Worker {
         let pools: Vec<Arc<Pool>> = lock(&self.inner.pools).drain().map(|(_, p)| p).collect();
         let mut all = Vec::new();
         for pool in pools {
-            all.extend(lock(&pool.idle).drain(..));
+            pool.drain();
+            all.extend(pool.take_idle());
         }
         let _ = tokio::task::spawn_blocking(move || drop(all)).await;
-    }
-
-    /// Number of idle (warm) instances of a function, all versions.
-    pub fn idle_instances(&self, function: &str) -> usize {
-        lock(&self.inner.pools)
-            .values()
-            .filter(|p| p.function == function)
-            .map(|p| lock(&p.idle).len())
-            .sum()
     }
 }
 
@@ -187,21 +154,37 @@ impl Invoker for Worker {
         let inner = Arc::clone(&self.inner);
         let function = function.to_string();
         Box::pin(async move {
-            let mut gone = Vec::new();
-            {
-                let mut pools = lock(&inner.pools);
-                pools.retain(|(f, _), pool| {
-                    if *f == function {
-                        gone.extend(lock(&pool.idle).drain(..));
-                        false
-                    } else {
-                        true
-                    }
-                });
+            let pools: Vec<Arc<Pool>> = {
+                let mut map = lock(&inner.pools);
+                let keys: Vec<_> = map
+                    .keys()
+                    .filter(|(f, _)| *f == function)
+                    .cloned()
+                    .collect();
+                keys.iter().filter_map(|k| map.remove(k)).collect()
+            };
+            lock(&inner.resolved).1.retain(|(f, _), _| *f != function);
+            let mut n = 0;
+            for pool in pools {
+                n += pool.idle_count();
+                pool.drain();
             }
-            let n = gone.len();
-            let _ = tokio::task::spawn_blocking(move || drop(gone)).await;
             n
+        })
+    }
+
+    fn instances(&self, function: Option<String>) -> BoxFuture<'_, Vec<InstanceInfo>> {
+        let pools: Vec<Arc<Pool>> = lock(&self.inner.pools).values().cloned().collect();
+        Box::pin(async move {
+            let mut out: Vec<InstanceInfo> = pools
+                .iter()
+                .filter(|p| function.as_ref().is_none_or(|f| *f == p.function))
+                .flat_map(|p| p.infos())
+                .collect();
+            out.sort_by(|a, b| {
+                (&a.function, a.version, &a.id).cmp(&(&b.function, b.version, &b.id))
+            });
+            out
         })
     }
 }
@@ -211,7 +194,8 @@ impl Inner {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(InvokeError::ShuttingDown);
         }
-        let pool = self.pool_for(&req).await?;
+        let started_at_ms = metering::now_ms();
+        let pool = self.pool_for(&req.function, &req.target).await?;
         let wait = tokio::time::timeout(
             self.cfg.queue_timeout,
             Arc::clone(&pool.slots).acquire_owned(),
@@ -221,6 +205,7 @@ impl Inner {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return Err(InvokeError::ShuttingDown),
             Err(_) => {
+                metering::throttled(&pool.function);
                 return Err(InvokeError::Throttled {
                     function: pool.function.clone(),
                     retry_after_s: 1,
@@ -242,13 +227,12 @@ impl Inner {
             cpu_ms: None,
         };
 
-        let warm = pop_live(&pool);
-        let mut live = match warm {
+        let mut live = match pool.checkout() {
             Some(l) => l,
             None => {
                 outcome.cold_start = true;
                 let started = Instant::now();
-                match self.start_instance(&pool).await {
+                match self.start_registered(&pool, State::Busy).await {
                     Ok(l) => {
                         outcome.init_duration_ms = Some(ms(started.elapsed()));
                         l
@@ -257,6 +241,7 @@ impl Inner {
                         outcome.init_duration_ms = Some(ms(started.elapsed()));
                         outcome.status = status;
                         outcome.logs = logs;
+                        self.finished(&req, &outcome, started_at_ms, &pool);
                         return Ok(outcome);
                     }
                 }
@@ -277,26 +262,43 @@ impl Inner {
             .await;
         outcome.duration_ms = ms(started.elapsed());
         outcome.logs = live.take_logs();
+        outcome.peak_memory_bytes = live.last_peak_bytes;
+        outcome.cpu_ms = live.last_cpu_ms;
         match run {
             Ok(status) => {
                 outcome.status = status;
-                live.last_used = Instant::now();
-                live.invocations += 1;
-                if !self.shutting_down.load(Ordering::Relaxed) {
-                    lock(&pool.idle).push(live);
+                if self.shutting_down.load(Ordering::Relaxed) {
+                    pool.retire(live);
                 } else {
-                    retire(live);
+                    pool.checkin(live, true);
                 }
             }
             Err(err) => {
-                outcome.status = self.classify_failure(live, err).await;
+                outcome.status = self.classify_failure(&pool, live, err).await;
             }
         }
+        self.finished(&req, &outcome, started_at_ms, &pool);
         Ok(outcome)
     }
 
+    fn finished(
+        &self,
+        req: &InvokeRequest,
+        outcome: &InvokeOutcome,
+        started_at_ms: i64,
+        pool: &Pool,
+    ) {
+        metering::finished(
+            &*self.records,
+            req,
+            outcome,
+            started_at_ms,
+            &pool.config.runtime_name,
+        );
+    }
+
     /// Turns a broken instance into the status the caller sees, and disposes of it.
-    async fn classify_failure(&self, mut live: Live, err: RunError) -> InvokeStatus {
+    async fn classify_failure(&self, pool: &Pool, mut live: Live, err: RunError) -> InvokeStatus {
         live.kill();
         let exit = live.reap().await;
         let status = match err {
@@ -311,32 +313,52 @@ impl Inner {
                 }
             }
         };
-        retire(live);
+        pool.retire(live);
         status
     }
 
-    async fn pool_for(&self, req: &InvokeRequest) -> Result<Arc<Pool>, InvokeError> {
+    async fn pool_for(&self, function: &str, target: &Target) -> Result<Arc<Pool>, InvokeError> {
+        let generation = *self.changes.borrow();
+        let key = (function.to_string(), target.clone());
+        {
+            let cache = lock(&self.resolved);
+            if cache.0 == generation
+                && let Some(p) = cache.1.get(&key)
+                && !p.is_draining()
+            {
+                return Ok(Arc::clone(p));
+            }
+        }
         let store = Arc::clone(&self.store);
-        let (function, target) = (req.function.clone(), req.target.clone());
-        let row = tokio::task::spawn_blocking(move || store.resolve(&function, &target))
+        let (f, t) = key.clone();
+        let row = tokio::task::spawn_blocking(move || store.resolve(&f, &t))
             .await
             .map_err(|e| InvokeError::Internal(e.to_string()))?
             .map_err(|e| InvokeError::Internal(e.to_string()))?;
         let Some(row) = row else {
-            return Err(InvokeError::NotFound(match &req.target {
-                nimbus_core::Target::Alias(a) if a == "live" => {
-                    format!("function `{}` not found", req.function)
-                }
-                nimbus_core::Target::Alias(a) => {
-                    format!("alias `{a}` of function `{}` not found", req.function)
-                }
-                nimbus_core::Target::Version(v) => {
-                    format!("version {v} of function `{}` not found", req.function)
-                }
+            return Err(InvokeError::NotFound(match target {
+                Target::Alias(a) if a == "live" => format!("function `{function}` not found"),
+                Target::Alias(a) => format!("alias `{a}` of function `{function}` not found"),
+                Target::Version(v) => format!("version {v} of function `{function}` not found"),
             }));
         };
+        let pool = self.pool_of(row).await?;
+        let mut cache = lock(&self.resolved);
+        if cache.0 != generation {
+            *cache = (generation, HashMap::new());
+        }
+        cache.1.insert(key, Arc::clone(&pool));
+        Ok(pool)
+    }
+
+    /// The pool of a resolved version, made on first use. A pool whose config no longer
+    /// matches (the operator rescaled the function) is drained and replaced.
+    async fn pool_of(&self, row: nimbus_store::VersionRow) -> Result<Arc<Pool>, InvokeError> {
         let key = (row.function.clone(), row.version);
-        if let Some(p) = lock(&self.pools).get(&key) {
+        if let Some(p) = lock(&self.pools).get(&key)
+            && p.config == row.config
+            && !p.is_draining()
+        {
             return Ok(Arc::clone(p));
         }
         let artifacts = Arc::clone(&self.artifacts);
@@ -345,18 +367,38 @@ impl Inner {
             .await
             .map_err(|e| InvokeError::Internal(e.to_string()))?
             .map_err(|e| InvokeError::Internal(format!("load code {}: {e}", row.digest)))?;
-        let pool = Arc::new(Pool {
-            function: row.function.clone(),
-            version: row.version,
-            sandbox_id: row.sandbox_id,
-            slots: Arc::new(Semaphore::new(
-                row.config.concurrency.max_instances as usize,
-            )),
-            config: row.config,
+        let fresh = Arc::new(Pool::new(
+            row.function.clone(),
+            row.version,
+            row.sandbox_id,
+            row.config,
             code_dir,
-            idle: Mutex::new(Vec::new()),
-        });
-        Ok(Arc::clone(lock(&self.pools).entry(key).or_insert(pool)))
+        ));
+        let mut pools = lock(&self.pools);
+        match pools.get(&key) {
+            Some(p) if p.config == fresh.config && !p.is_draining() => Ok(Arc::clone(p)),
+            _ => {
+                if let Some(old) = pools.insert(key, Arc::clone(&fresh)) {
+                    old.drain();
+                }
+                Ok(fresh)
+            }
+        }
+    }
+
+    /// Starts an instance and registers it with its pool in `state`.
+    async fn start_registered(
+        &self,
+        pool: &Pool,
+        state: State,
+    ) -> Result<Live, (InvokeStatus, String)> {
+        pool.starting.fetch_add(1, Ordering::SeqCst);
+        let started = self.start_instance(pool).await;
+        if let Ok(live) = &started {
+            pool.register(live, state);
+        }
+        pool.starting.fetch_sub(1, Ordering::SeqCst);
+        started
     }
 
     /// Starts an instance and waits for its handler to load. On failure, the status
@@ -401,11 +443,11 @@ impl Inner {
             }
             Err(instance::ReadyError::Run(err)) => {
                 let logs = live.take_logs();
-                return Err((self.classify_failure(live, err).await, logs));
+                return Err((self.classify_failure(pool, live, err).await, logs));
             }
         };
         let logs = live.take_logs();
-        retire(live);
+        pool::dispose(vec![live]);
         Err((status, logs))
     }
 
@@ -549,31 +591,7 @@ fn install_prefix(program: &std::path::Path) -> Option<PathBuf> {
     (prefix != std::path::Path::new("/")).then(|| prefix.to_path_buf())
 }
 
-/// Most recently used first: the warmest caches, and the others idle out sooner.
-fn pop_live(pool: &Pool) -> Option<Live> {
-    loop {
-        let mut candidate = lock(&pool.idle).pop()?;
-        if candidate.is_alive() {
-            return Some(candidate);
-        }
-        retire(candidate);
-    }
-}
-
-/// Disposes of an instance off the async threads: killing and reaping can block briefly.
-fn retire(live: Live) {
-    retire_all(vec![live]);
-}
-
-fn retire_all(lives: Vec<Live>) {
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn_blocking(move || drop(lives));
-    } else {
-        drop(lives);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -44,7 +44,6 @@ impl InstanceState {
 }
 
 /// Unix time in milliseconds, for [`record`]'s `started_at_ms`.
-#[allow(dead_code)] // Until the invoke path records.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -53,7 +52,6 @@ pub(crate) fn now_ms() -> i64 {
 
 /// The metering record of a finished invocation. Billing is Lambda's: handler time
 /// plus init time on a cold start, rounded up to the millisecond, times memory.
-#[allow(dead_code)] // Until the invoke path records.
 pub(crate) fn record(
     req: &InvokeRequest,
     outcome: &InvokeOutcome,
@@ -86,7 +84,6 @@ pub(crate) fn record(
 }
 
 /// Updates the per-invocation metrics from a record.
-#[allow(dead_code)] // Until the invoke path records.
 pub(crate) fn invocation(record: &InvocationRecord, runtime: &str) {
     let function = record.function.clone();
     metrics::counter!(
@@ -117,7 +114,6 @@ pub(crate) fn invocation(record: &InvocationRecord, runtime: &str) {
 
 /// Everything after an invocation finished, in one call: builds the record, updates
 /// the metrics and hands the record to the sink (which never blocks).
-#[allow(dead_code)] // Until the invoke path records.
 pub(crate) fn finished(
     sink: &dyn RecordSink,
     req: &InvokeRequest,
@@ -131,7 +127,6 @@ pub(crate) fn finished(
 }
 
 /// An invocation refused for want of a free instance slot.
-#[allow(dead_code)] // Until the invoke path reports throttles.
 pub(crate) fn throttled(function: &str) {
     metrics::counter!("nimbus_throttles_total", "function" => function.to_string()).increment(1);
 }
@@ -150,7 +145,6 @@ pub(crate) fn instances(function: &str, state: InstanceState, n: usize) {
 /// Sets `nimbus_instances` from a snapshot of every live instance (all pools): counts
 /// per function and state, and zero for a (function, state) reported before and absent
 /// now, so retired functions do not linger at their last count.
-#[allow(dead_code)] // Until the maintainer reports its snapshots.
 pub(crate) fn report_instances<'a>(infos: impl IntoIterator<Item = &'a InstanceInfo>) {
     static REPORTED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
     let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();

@@ -1,0 +1,193 @@
+//! The pool maintainer: scale to zero, provisioned concurrency, draining.
+//!
+//! Runs twice a second and on every store change. Everything it does is also safe to
+//! skip: an invocation never waits for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nimbus_core::Target;
+
+use crate::pool::{Pool, State};
+use crate::{Inner, lock};
+
+const TICK: Duration = Duration::from_millis(500);
+
+pub(crate) async fn run(inner: Arc<Inner>) {
+    let mut changes = inner.store.subscribe();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let changed = tokio::select! {
+            _ = tick.tick() => false,
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                true
+            }
+        };
+        if inner.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(live) = live_versions(&inner).await else {
+            continue;
+        };
+        if changed {
+            drain_stale(&inner, &live).await;
+        }
+        let pools: Vec<Arc<Pool>> = lock(&inner.pools).values().cloned().collect();
+        for pool in &pools {
+            pool.prune_dead();
+            scale_down(pool, min_for(pool, &live));
+        }
+        let infos: Vec<_> = pools.iter().flat_map(|p| p.infos()).collect();
+        crate::metering::report_instances(&infos);
+        provision(&inner, &live).await;
+    }
+}
+
+/// Each function's live version and its aliased versions.
+struct Aliased {
+    live: Option<u32>,
+    all: BTreeSet<u32>,
+}
+
+async fn live_versions(inner: &Arc<Inner>) -> Option<BTreeMap<String, Aliased>> {
+    let store = Arc::clone(&inner.store);
+    let got = tokio::task::spawn_blocking(move || -> Result<_, nimbus_store::Error> {
+        let mut out = BTreeMap::new();
+        for f in store.list_functions()? {
+            let all = store
+                .list_aliases(&f.name)?
+                .into_iter()
+                .map(|a| a.version)
+                .collect();
+            out.insert(
+                f.name,
+                Aliased {
+                    live: f.live_version,
+                    all,
+                },
+            );
+        }
+        Ok(out)
+    })
+    .await;
+    match got {
+        Ok(Ok(m)) => Some(m),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "pool maintainer: read functions");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Provisioned concurrency applies to the version `live` points at.
+fn min_for(pool: &Pool, live: &BTreeMap<String, Aliased>) -> usize {
+    match live.get(&pool.function) {
+        Some(a) if a.live == Some(pool.version) && !pool.is_draining() => {
+            pool.config.concurrency.min_instances as usize
+        }
+        _ => 0,
+    }
+}
+
+/// Drains pools whose function is gone, whose version no alias points at any more
+/// (a deploy or an alias move), or whose config changed (`nimbus scale`).
+async fn drain_stale(inner: &Arc<Inner>, live: &BTreeMap<String, Aliased>) {
+    let pools: Vec<((String, u32), Arc<Pool>)> = lock(&inner.pools)
+        .iter()
+        .map(|(k, p)| (k.clone(), Arc::clone(p)))
+        .collect();
+    for ((function, version), pool) in pools {
+        let stale = match live.get(&function) {
+            None => true,
+            Some(a) => !a.all.contains(&version) || config_changed(inner, &pool).await,
+        };
+        if stale {
+            let mut map = lock(&inner.pools);
+            if map
+                .get(&(function.clone(), version))
+                .is_some_and(|p| Arc::ptr_eq(p, &pool))
+            {
+                map.remove(&(function.clone(), version));
+            }
+            drop(map);
+            pool.drain();
+            tracing::debug!(%function, version, "draining pool");
+        }
+    }
+}
+
+async fn config_changed(inner: &Arc<Inner>, pool: &Arc<Pool>) -> bool {
+    let store = Arc::clone(&inner.store);
+    let (f, v) = (pool.function.clone(), pool.version);
+    match tokio::task::spawn_blocking(move || store.get_version(&f, v)).await {
+        Ok(Ok(Some(row))) => row.config != pool.config,
+        Ok(Ok(None)) => true,
+        _ => false,
+    }
+}
+
+/// Retires idle instances past the idle timeout, oldest first, keeping `min`.
+fn scale_down(pool: &Pool, min: usize) {
+    let idle_for = Duration::from_millis(pool.config.concurrency.idle_timeout_ms);
+    let mut total = pool.total();
+    let n = pool.retire_idle(|l| {
+        if total > min && l.last_used.elapsed() >= idle_for {
+            total -= 1;
+            true
+        } else {
+            false
+        }
+    });
+    if n > 0 {
+        tracing::debug!(function = %pool.function, version = pool.version, n, "scaled down");
+    }
+}
+
+/// Starts instances until each live version has its `min_instances`.
+async fn provision(inner: &Arc<Inner>, live: &BTreeMap<String, Aliased>) {
+    for (function, a) in live {
+        if a.live.is_none() {
+            continue;
+        }
+        // Resolving through the cache is cheap, and creates the pool if needed.
+        let pool = match inner
+            .pool_for(function, &Target::Alias("live".into()))
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        let min = pool.config.concurrency.min_instances as usize;
+        let missing = min.saturating_sub(pool.total());
+        for _ in 0..missing {
+            let inner = Arc::clone(inner);
+            let pool = Arc::clone(&pool);
+            pool.starting.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let started = inner.start_instance(&pool).await;
+                match started {
+                    Ok(live) => {
+                        pool.register(&live, State::Idle);
+                        pool.starting.fetch_sub(1, Ordering::SeqCst);
+                        pool.checkin(live, false);
+                    }
+                    Err((status, _)) => {
+                        pool.starting.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(
+                            function = %pool.function,
+                            status = status.code(),
+                            "provisioning an instance failed"
+                        );
+                    }
+                }
+            });
+        }
+    }
+}
