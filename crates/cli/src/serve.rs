@@ -38,7 +38,11 @@ pub struct ServeArgs {
     /// Name of the cgroup under which instances are created.
     #[arg(long, env = "NIMBUS_CGROUP_PARENT", default_value = "nimbus")]
     pub cgroup_parent: String,
-    /// Functions run as uid/gid BASE+N, N being each function's sandbox id.
+    /// Pre-started blank sandboxes kept per runtime, so cold starts skip interpreter
+    /// start-up (0 disables them).
+    #[arg(long, env = "NIMBUS_STEM_CELLS", default_value_t = 2)]
+    pub stem_cells: usize,
+    /// Instances run as uids leased from BASE+1 upwards, one per instance.
     #[arg(long, env = "NIMBUS_UID_BASE", default_value_t = 100_000)]
     pub uid_base: u32,
     /// Let `network = "egress"` functions reach this host's loopback, where the control
@@ -131,6 +135,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             queue_timeout: Duration::from_secs(2),
             init_timeout: Duration::from_secs(10),
             uid_base: args.uid_base,
+            stem_cells: args.stem_cells,
             egress_allow_host_loopback: args.egress_allow_host_loopback,
         },
         Arc::clone(&store),

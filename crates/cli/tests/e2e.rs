@@ -176,27 +176,18 @@ fn versions_aliases_rollback_and_restart_keep_everything() {
         .replace("howdy", "hiya");
     std::fs::write(dir.join("nimbus.toml"), v3_manifest).expect("edit");
     assert_eq!(s2.json(&["deploy", &d])["version"], 3);
+    let before = instance_cgroups(&s2.cgroup_parent);
+    assert!(
+        !before.is_empty(),
+        "s2 runs instances (its warm one, its stem cells)"
+    );
     s2.kill9();
     let s3 = Server::start_on(&data, "127.0.0.1:0", parent);
-    // The killed server's instance cgroups were reaped at start-up.
-    let leftovers = std::process::Command::new("find")
-        .args([
-            "/sys/fs/cgroup/memory",
-            "/sys/fs/cgroup",
-            "-maxdepth",
-            "6",
-            "-type",
-            "d",
-            "-path",
-        ])
-        .arg(format!("*/{}/*", s3.cgroup_parent))
-        .output()
-        .expect("find");
-    assert_eq!(
-        stdout_of(&leftovers).trim(),
-        "",
-        "stale instance cgroups remain"
-    );
+    // The killed server's instance cgroups were reaped at start-up (s3's own stem
+    // cells may already be there; those are new names).
+    let after = instance_cgroups(&s3.cgroup_parent);
+    let stale: Vec<_> = before.intersection(&after).collect();
+    assert!(stale.is_empty(), "stale instance cgroups remain: {stale:?}");
     let r = s3.json(&["invoke", "hello", "--data", r#"{"name":"ada"}"#]);
     assert_eq!(r["result"]["message"], "hiya ada");
     let aliases = s3.json(&["alias", "ls", "hello"]);
@@ -522,6 +513,16 @@ fn raw_http(addr: &str, request: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Instance cgroup directories under a server's cgroup parent, in every hierarchy.
+fn instance_cgroups(parent: &str) -> std::collections::BTreeSet<String> {
+    let out = std::process::Command::new("find")
+        .args(["/sys/fs/cgroup", "-maxdepth", "6", "-type", "d", "-path"])
+        .arg(format!("*/{parent}/*"))
+        .output()
+        .expect("find");
+    stdout_of(&out).lines().map(str::to_string).collect()
 }
 
 fn tar_with(manifest: &str, extra: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {

@@ -42,8 +42,11 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// A server with the benign `hello` example deployed and answering.
+/// A server without stem cells, so every instance is a fresh sandbox named after its
+/// function (the leftover-process checks find them by that name even after the platform
+/// forgot them). `stem_cells_are_as_isolated_as_fresh_instances` covers stem cells.
 fn start() -> Server {
-    let s = Server::start();
+    let s = Server::start_args(&["--stem-cells", "0"]);
     s.ok(&["deploy", path_str(&example("python-hello"))]);
     hello_still_answers(&s, "start-up");
     s
@@ -126,7 +129,24 @@ fn digest_hex(deployed: &Value) -> String {
 
 /// Host pids of every process in an instance cgroup of `function` under this server.
 fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
-    let needle = format!("/{}/{function}-", s.cgroup_parent);
+    // Instance ids come from the platform (a stem cell keeps its `stem-...` id after it
+    // is given a function); their cgroups hold the processes.
+    let ids: Vec<String> = s
+        .json(&["instances", function])
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|i| i["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut needles: Vec<String> = ids
+        .iter()
+        .map(|id| format!("/{}/{id}\n", s.cgroup_parent))
+        .collect();
+    // Fresh instances are named after their function: this finds them even after the
+    // platform has forgotten them (which is what the leftover checks look for).
+    needles.push(format!("/{}/{function}-", s.cgroup_parent));
     let mut pids = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return pids;
@@ -136,7 +156,7 @@ fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
             continue;
         };
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if cg.contains(&needle) {
+        if needles.iter().any(|n| cg.contains(n.as_str())) {
             pids.push(pid);
         }
     }
@@ -1132,4 +1152,82 @@ fn serve_refuses_to_run_functions_where_it_cannot_isolate_them() {
         "{}",
         s.stderr()
     );
+}
+
+// ---------------------------------------------------------------- stem cells
+
+#[test]
+fn stem_cells_are_as_isolated_as_fresh_instances() {
+    let s = Server::start();
+    s.ok(&["deploy", path_str(&example("python-hello"))]);
+    deploy(&s, "probe-py");
+    deploy(&s, "secret-py");
+    // Let the stem cells come up, so the cold starts below are served by them.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, env) = invoke(&s, "hostile-py", &json!({"mode": "whoami"}));
+    assert_eq!(status, 200, "{env}");
+    assert_eq!(env["coldStart"], true);
+    let ids: Vec<String> = s
+        .json(&["instances", "hostile-py"])
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|i| i["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        ids.iter().any(|i| i.starts_with("stem-")),
+        "served by a stem cell: {ids:?}"
+    );
+    let who = &env["result"];
+    let mut c = Checks::default();
+    c.check(who["uid"].as_u64().is_some_and(|u| u != 0), || {
+        format!("uid: {who}")
+    });
+    c.check(who["cap_eff"] == "0000000000000000", || {
+        format!("caps: {who}")
+    });
+    c.check(who["no_new_privs"] == "1", || {
+        format!("no_new_privs: {who}")
+    });
+    c.check(who["seccomp"] == "2", || format!("seccomp: {who}"));
+    c.check(who["cwd"] == "/var/task", || format!("cwd: {who}"));
+    c.check(who["interfaces"] == json!(["lo"]), || {
+        format!("network: {who}")
+    });
+
+    // Another function's stem-cell instance runs as another uid and keeps its secret.
+    let other = call(&s, "hostile-secret", json!({}));
+    c.check(other["has_secret"] == true, || format!("secret: {other}"));
+    c.check(other["uid"] != who["uid"], || {
+        format!("shared uid: {other} / {who}")
+    });
+
+    let r = call(&s, "hostile-py", json!({"mode": "syscalls"}));
+    let not_eperm: Vec<String> = r
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v.as_i64() != Some(EPERM))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect()
+        })
+        .unwrap_or_else(|| vec![r.to_string()]);
+    c.check(not_eperm.is_empty(), || format!("syscalls: {not_eperm:?}"));
+    let token = s.data.join("admin.token");
+    let r = call(
+        &s,
+        "hostile-py",
+        json!({"mode": "read", "paths": ["/etc/shadow", path_str(&token)]}),
+    );
+    c.all_failed("stem reads", &r);
+    let r = call(
+        &s,
+        "hostile-py",
+        json!({"mode": "write", "paths": ["/var/task/x", "/etc/x", "/usr/x"]}),
+    );
+    c.all_failed("stem writes", &r);
+    c.finish("stem cell isolation");
+    hello_still_answers(&s, "stem cell probes");
 }

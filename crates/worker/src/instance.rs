@@ -28,6 +28,8 @@ pub(crate) struct Live {
     /// Peak memory and CPU time of the last invocation, when the cgroup told us.
     pub last_peak_bytes: Option<u64>,
     pub last_cpu_ms: Option<f64>,
+    /// The uid this instance runs as, handed back when it is dropped.
+    pub uid: Option<crate::uids::UidLease>,
 }
 
 pub(crate) enum RunError {
@@ -74,6 +76,7 @@ impl Live {
             peak_file,
             last_peak_bytes: None,
             last_cpu_ms: None,
+            uid: None,
         })
     }
 
@@ -144,6 +147,33 @@ impl Live {
                 "expected a ready frame, got {other:?}"
             )))),
         }
+    }
+
+    pub fn sandbox(&self) -> &nimbus_sandbox::Instance {
+        &self.sandbox
+    }
+
+    /// Hands a stem cell its function (`A`) and waits until the handler is loaded.
+    /// What the stem printed while it waited is not the function's: it is dropped.
+    pub async fn assign(
+        &mut self,
+        payload: &[u8],
+        limit: Duration,
+        log_limit: usize,
+    ) -> Result<(), ReadyError> {
+        self.drain_output();
+        let frame = protocol::encode(Kind::Assign, payload);
+        let write = self.control.write_all(&frame);
+        match tokio::time::timeout(limit, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(ReadyError::Run(RunError::Broken(format!(
+                    "send assignment: {e}"
+                ))));
+            }
+            Err(_) => return Err(ReadyError::Run(RunError::Timeout)),
+        }
+        self.wait_ready(limit, log_limit).await
     }
 
     /// Runs one invocation. `Ok` leaves the instance reusable.

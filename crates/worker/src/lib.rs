@@ -16,6 +16,8 @@ mod metering;
 mod pool;
 pub mod protocol;
 mod runtimes;
+mod spawn;
+mod uids;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use nimbus_artifacts::ArtifactStore;
 use nimbus_core::invoke::BoxFuture;
 use nimbus_core::{
-    InstanceInfo, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus, Invoker, Runtime, Target,
+    InstanceInfo, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus, Invoker, Target,
 };
 use nimbus_sandbox::Host;
 use nimbus_store::Store;
@@ -65,8 +67,10 @@ pub struct WorkerConfig {
     pub queue_timeout: Duration,
     /// Limit on starting an instance and loading its handler.
     pub init_timeout: Duration,
-    /// Function N runs as uid/gid `uid_base + N` (N is the store's sandbox id).
+    /// Instances run as uids leased from `uid_base + 1 ..= uid_base + 60000`, one each.
     pub uid_base: u32,
+    /// Stem cells kept ready per interpreter (0 disables them).
+    pub stem_cells: usize,
     /// Lets `network = "egress"` functions reach the host's loopback (off by default:
     /// the control API listens there).
     pub egress_allow_host_loopback: bool,
@@ -90,6 +94,8 @@ struct Inner {
     resolved: Mutex<(u64, ResolveCache)>,
     changes: tokio::sync::watch::Receiver<u64>,
     records: Arc<dyn nimbus_core::RecordSink>,
+    stems: spawn::Stems,
+    uids: Arc<uids::UidPool>,
     shutting_down: AtomicBool,
 }
 
@@ -107,6 +113,8 @@ impl Worker {
                 source,
             })?;
         let changes = store.subscribe();
+        let cfg_interpreters = cfg.interpreters.clone();
+        let uid_base = cfg.uid_base;
         Ok(Worker {
             inner: Arc::new(Inner {
                 cfg,
@@ -118,6 +126,14 @@ impl Worker {
                 resolved: Mutex::new((0, HashMap::new())),
                 changes,
                 records,
+                stems: {
+                    let stems = spawn::Stems::default();
+                    for key in spawn::default_keys(&cfg_interpreters) {
+                        stems.want(key);
+                    }
+                    stems
+                },
+                uids: uids::UidPool::new(uid_base),
                 shutting_down: AtomicBool::new(false),
             }),
         })
@@ -141,6 +157,7 @@ impl Worker {
             pool.drain();
             all.extend(pool.take_idle());
         }
+        all.extend(self.inner.stems.take_all());
         let _ = tokio::task::spawn_blocking(move || drop(all)).await;
     }
 }
@@ -370,7 +387,6 @@ impl Inner {
         let fresh = Arc::new(Pool::new(
             row.function.clone(),
             row.version,
-            row.sandbox_id,
             row.config,
             code_dir,
         ));
@@ -401,168 +417,6 @@ impl Inner {
         started
     }
 
-    /// Starts an instance and waits for its handler to load. On failure, the status
-    /// and whatever the instance printed (an import error's traceback, say).
-    async fn start_instance(&self, pool: &Pool) -> Result<Live, (InvokeStatus, String)> {
-        let failed = |msg: String| (InvokeStatus::SandboxFailed(msg), String::new());
-        let spec = self.instance_spec(pool).map_err(failed)?;
-        let host = Arc::clone(&self.host);
-        let spawned = tokio::task::spawn_blocking(move || host.spawn(&spec))
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let sandboxed = match spawned {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(function = %pool.function, error = %e, "sandbox spawn failed");
-                return Err(failed(e.to_string()));
-            }
-        };
-        let mut live = Live::new(sandboxed).map_err(|e| {
-            tracing::error!(function = %pool.function, error = %e, "wrap instance failed");
-            failed(e.to_string())
-        })?;
-        let ready = live
-            .wait_ready(self.cfg.init_timeout, self.cfg.log_limit)
-            .await;
-        let status = match ready {
-            Ok(()) => {
-                // Init ran boosted; from now on the function gets its proportional share.
-                let share = nimbus_sandbox::Limits::for_memory(pool.config.memory_mb).cpu_millis;
-                match live.set_cpu_millis(share) {
-                    Ok(()) => return Ok(live),
-                    Err(e) => {
-                        tracing::error!(function = %pool.function, error = %e, "set CPU share");
-                        InvokeStatus::SandboxFailed(e)
-                    }
-                }
-            }
-            Err(instance::ReadyError::InitFailed(fe)) => InvokeStatus::FunctionError(fe),
-            Err(instance::ReadyError::Sandbox(msg)) => {
-                tracing::error!(function = %pool.function, error = %msg, "sandbox setup failed");
-                InvokeStatus::SandboxFailed(msg)
-            }
-            Err(instance::ReadyError::Run(err)) => {
-                let logs = live.take_logs();
-                return Err((self.classify_failure(pool, live, err).await, logs));
-            }
-        };
-        let logs = live.take_logs();
-        pool::dispose(vec![live]);
-        Err((status, logs))
-    }
-
-    fn instance_spec(&self, pool: &Pool) -> Result<nimbus_sandbox::InstanceSpec, String> {
-        use nimbus_sandbox::{Bind, Isolation, RUNTIME_DIR, Rootfs, TASK_DIR};
-        let c = &pool.config;
-        let isolated = self.host.isolates();
-        // Inside a sandbox the code and shims sit at Lambda's paths; without one (insecure
-        // mode) they stay where they are on the host.
-        let (task_root, runtime_root) = if isolated {
-            (PathBuf::from(TASK_DIR), PathBuf::from(RUNTIME_DIR))
-        } else {
-            (pool.code_dir.clone(), self.runtimes.dir.clone())
-        };
-        let interp = |name: &str, fallback: &str| -> Result<PathBuf, String> {
-            self.cfg
-                .interpreters
-                .get(name)
-                .or_else(|| self.cfg.interpreters.get(fallback))
-                .cloned()
-                .ok_or_else(|| format!("no interpreter configured for runtime `{name}`"))
-        };
-        let (program, args) = match c.runtime {
-            Runtime::Python3 => {
-                let py = interp(&c.runtime_name, "python3")?;
-                let script = runtime_root.join("bootstrap.py").display().to_string();
-                (py, vec!["-I".into(), "-S".into(), "-u".into(), script])
-            }
-            Runtime::Node => {
-                let node = interp(&c.runtime_name, "node")?;
-                let script = runtime_root.join("bootstrap.mjs").display().to_string();
-                (node, vec![script])
-            }
-            Runtime::Exec => (task_root.join(&c.handler), vec![]),
-            Runtime::Wasm => return Err("wasm functions are not supported by this worker".into()),
-        };
-        let id = format!(
-            "{}-{}-{}",
-            pool.function,
-            pool.version,
-            &nimbus_core::new_request_id()[..8]
-        );
-        let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
-            ("LANG".into(), "C.UTF-8".into()),
-            ("TZ".into(), "UTC".into()),
-            ("HOME".into(), "/tmp".into()),
-            ("NIMBUS_CONTROL_FD".into(), "3".into()),
-            ("_HANDLER".into(), c.handler.clone()),
-            ("LAMBDA_TASK_ROOT".into(), task_root.display().to_string()),
-            (
-                "LAMBDA_RUNTIME_DIR".into(),
-                runtime_root.display().to_string(),
-            ),
-            ("AWS_LAMBDA_FUNCTION_NAME".into(), pool.function.clone()),
-            (
-                "AWS_LAMBDA_FUNCTION_VERSION".into(),
-                pool.version.to_string(),
-            ),
-            (
-                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(),
-                c.memory_mb.to_string(),
-            ),
-            ("AWS_LAMBDA_INITIALIZATION_TYPE".into(), "on-demand".into()),
-            (
-                "AWS_LAMBDA_LOG_GROUP_NAME".into(),
-                format!("/aws/lambda/{}", pool.function),
-            ),
-            (
-                "AWS_LAMBDA_LOG_STREAM_NAME".into(),
-                format!("{}/[{}]{}", today(), pool.version, id),
-            ),
-            ("AWS_REGION".into(), self.cfg.region.clone()),
-            ("AWS_DEFAULT_REGION".into(), self.cfg.region.clone()),
-            (
-                "AWS_EXECUTION_ENV".into(),
-                format!("nimbus_{}", c.runtime_name),
-            ),
-        ];
-        env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-
-        let mut isolation = Isolation::default();
-        if isolated {
-            let mut rootfs = Rootfs::new(pool.code_dir.clone());
-            rootfs.runtime_dir = Some(self.runtimes.dir.clone());
-            // /tmp is a tmpfs charged to the instance's memory cgroup: capped at half the
-            // function's memory, filling it ends in ENOSPC rather than an OOM kill.
-            rootfs.tmp_bytes =
-                nimbus_sandbox::DEFAULT_TMP_BYTES.min(u64::from(c.memory_mb) * 1024 * 1024 / 2);
-            if let Some(prefix) = install_prefix(&program) {
-                rootfs.ro_binds.push(Bind::same(prefix));
-            }
-            let network = match c.network {
-                nimbus_core::Network::None => nimbus_sandbox::Network::None,
-                nimbus_core::Network::Egress => nimbus_sandbox::Network::Egress {
-                    allow_host_loopback: self.cfg.egress_allow_host_loopback,
-                },
-            };
-            let uid = self.cfg.uid_base.saturating_add(pool.sandbox_id);
-            isolation = Isolation::function(uid, uid, rootfs, network);
-        }
-        Ok(nimbus_sandbox::InstanceSpec {
-            id,
-            program,
-            args,
-            env,
-            workdir: task_root,
-            limits: nimbus_sandbox::Limits {
-                cpu_millis: INIT_CPU_MILLIS,
-                ..nimbus_sandbox::Limits::for_memory(c.memory_mb)
-            },
-            isolation,
-        })
-    }
-
     fn arn(&self, function: &str, target: &nimbus_core::Target) -> String {
         let qualifier = match target {
             nimbus_core::Target::Alias(a) => a.clone(),
@@ -577,7 +431,7 @@ impl Inner {
 
 /// The directory an interpreter outside `/usr` is installed in (`/opt/py/bin/python3` ->
 /// `/opt/py`), which must be visible inside the sandbox for its stdlib and libraries.
-fn install_prefix(program: &std::path::Path) -> Option<PathBuf> {
+pub(crate) fn install_prefix(program: &std::path::Path) -> Option<PathBuf> {
     let real = program.canonicalize().ok()?;
     if real.starts_with("/usr") {
         return None;
@@ -600,7 +454,7 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     let days = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() / 86_400)

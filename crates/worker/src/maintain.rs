@@ -45,6 +45,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         }
         let infos: Vec<_> = pools.iter().flat_map(|p| p.infos()).collect();
         crate::metering::report_instances(&infos);
+        crate::spawn::refill(&inner);
         provision(&inner, &live).await;
     }
 }

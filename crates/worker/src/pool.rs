@@ -30,7 +30,6 @@ struct Meta {
 pub(crate) struct Pool {
     pub function: String,
     pub version: u32,
-    pub sandbox_id: u32,
     pub config: FunctionConfig,
     pub code_dir: PathBuf,
     /// Most recently used last: `pop` takes the warmest.
@@ -45,17 +44,10 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub fn new(
-        function: String,
-        version: u32,
-        sandbox_id: u32,
-        config: FunctionConfig,
-        code_dir: PathBuf,
-    ) -> Pool {
+    pub fn new(function: String, version: u32, config: FunctionConfig, code_dir: PathBuf) -> Pool {
         Pool {
             function,
             version,
-            sandbox_id,
             slots: Arc::new(Semaphore::new(config.concurrency.max_instances as usize)),
             config,
             code_dir,

@@ -14,6 +14,7 @@ pub enum Kind {
     InitFailed,
     SandboxFailed,
     Invoke,
+    Assign,
     Success,
     Error,
 }
@@ -25,6 +26,7 @@ impl Kind {
             Kind::InitFailed => b'F',
             Kind::SandboxFailed => b'X',
             Kind::Invoke => b'I',
+            Kind::Assign => b'A',
             Kind::Success => b'S',
             Kind::Error => b'E',
         }
@@ -36,6 +38,7 @@ impl Kind {
             b'F' => Kind::InitFailed,
             b'X' => Kind::SandboxFailed,
             b'I' => Kind::Invoke,
+            b'A' => Kind::Assign,
             b'S' => Kind::Success,
             b'E' => Kind::Error,
             _ => return None,

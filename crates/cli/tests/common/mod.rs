@@ -40,9 +40,14 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
+        Server::start_args(&[])
+    }
+
+    /// Starts a server on a temp data dir with extra `serve` flags.
+    pub fn start_args(extra: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
-        let mut s = Server::start_on(&data, "127.0.0.1:0", None);
+        let mut s = Server::launch(&data, "127.0.0.1:0", None, extra);
         s._tmp = Some(tmp);
         s
     }
