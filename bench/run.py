@@ -404,6 +404,15 @@ def verdict(ok):
     return "-" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def c1_value(run):
+    lat = pick(run, "latency_ms")
+    v = f"p50 {ms(pick(lat, 'p50'))}  p99 {ms(pick(lat, 'p99'))} ms"
+    p50s = [x for x in (pick(run, "repeat_p50s") or []) if x is not None]
+    if len(p50s) > 1:
+        v += f"  [{len(p50s)} runs, p50 {ms(min(p50s))}..{ms(max(p50s))}]"
+    return v
+
+
 def build_rows(R, args):
     """(figure, value, baseline, ratio, target, verdict) rows, and the target checks."""
     rows, checks = [], []
@@ -415,13 +424,13 @@ def build_rows(R, args):
                    "exec": "env python3 -c pass"}
 
     def add(fig, val, base="", r=None, target="", ok=None):
-        rows.append((fig, val, base, rx(r) if r is not None or base else "", target,
+        shown = rx(r) if r is not None else ("-" if base and not fig.startswith("baseline") else "")
+        rows.append((fig, val, base, shown, target,
                      verdict(ok) if target else ""))
         if target:
             checks.append({"figure": fig, "target": target, "pass": ok})
 
-    add("baseline: hyper floor, c=1 latency",
-        f"p50 {ms(floor_p50)}  p99 {ms(pick(B, 'hyper_floor_c1', 'latency_ms', 'p99'))} ms")
+    add("baseline: hyper floor, c=1 latency", c1_value(B.get("hyper_floor_c1")))
     add(f"baseline: hyper floor, c={args.rps_conns} throughput",
         f"{floor_rps or 0:.0f} req/s")
     for k in ("python3", "node", "exec"):
@@ -429,8 +438,9 @@ def build_rows(R, args):
             f"p50 {ms(starts[k])}  p99 {ms(pick(B, f'start_{k}', 'ms', 'p99'))} ms")
     P = R["platform"]
     h = pick(P, "health_c1", "latency_ms")
-    add("nimbus GET /health, c=1 (no function)", f"p50 {ms(pick(h, 'p50'))}  p99 {ms(pick(h, 'p99'))} ms",
-        f"floor p50 {ms(floor_p50)} ms", ratio(pick(h, "p50"), floor_p50))
+    hf = pick(P, "health_c1", "paired_floor", "latency_ms", "p50") or floor_p50
+    add("nimbus GET /health, c=1 (no function)", c1_value(P.get("health_c1")),
+        f"paired floor p50 {ms(hf)} ms", ratio(pick(h, "p50"), hf))
     for key, label in (("rss_idle_start", "before deploys"), ("rss_idle_deployed", "deployed, evicted")):
         v = P.get(key)
         add(f"platform RSS idle, {label}", mib(v), target="<= 30 MiB",
@@ -455,11 +465,11 @@ def build_rows(R, args):
             f"p50 {ms(pick(cs, 'p50'))}  p99 {ms(pick(cs, 'p99'))} ms",
             f"{base_lbl} {ms(base_ms)} ms", ratio(pick(cs, "p50"), base_ms))
         w = pick(F, "warm_c1", "latency_ms")
-        wr = ratio(pick(w, "p50"), floor_p50)
+        wf = pick(F, "warm_c1", "paired_floor", "latency_ms", "p50") or floor_p50
+        wr = ratio(pick(w, "p50"), wf)
         judged = runtime in ("python3", "node")
-        add(f"{runtime} warm latency, c=1",
-            f"p50 {ms(pick(w, 'p50'))}  p99 {ms(pick(w, 'p99'))} ms",
-            f"floor p50 {ms(floor_p50)} ms", wr,
+        add(f"{runtime} warm latency, c=1", c1_value(F.get("warm_c1")),
+            f"paired floor p50 {ms(wf)} ms", wr,
             "<= 2.5x floor" if judged else "", None if wr is None else wr <= 2.5)
         T = F.get("rps_c32", {})
         rr = ratio(T.get("rps"), floor_rps)
@@ -501,6 +511,34 @@ def print_table(rows, header):
 # ---------------------------------------------------------------- the run
 
 
+def latency_c1(args, url, floor_url=None):
+    """c=1 latency, best of --latency-repeats runs (by p50), each on a fresh connection.
+    On this 2-vCPU VM a c=1 ping-pong is bimodal (hyper-floor: ~12 us or ~60-100 us p50),
+    and a mode can persist for seconds: it is where the scheduler puts the threads and
+    whether the other vCPU sleeps, not the server. So with `floor_url` each run is paired
+    with a floor run just before it, and the figure is compared with the best floor run
+    of its own window. Every c=1 figure gets the same rule; every run's p50 is kept."""
+    def one(u):
+        return loadgen("run", "--url", u, "-c", 1, "--warmup-requests", args.warmup,
+                       "--requests", args.warm_requests)
+
+    def best(runs):
+        b = dict(min(runs, key=lambda r: (pick(r, "latency_ms", "p50") is None,
+                                           pick(r, "latency_ms", "p50") or 0)))
+        b["repeat_p50s"] = [pick(r, "latency_ms", "p50") for r in runs]
+        return b
+
+    runs, floors = [], []
+    for _ in range(max(1, args.latency_repeats)):
+        if floor_url:
+            floors.append(one(floor_url))
+        runs.append(one(url))
+    out = best(runs)
+    if floors:
+        out["paired_floor"] = best(floors)
+    return out
+
+
 def measure(args, R, tmp):
     B, P = R["baselines"], R["platform"]
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
@@ -517,17 +555,21 @@ def measure(args, R, tmp):
                               "-c", "pass", env=dict(os.environ, PATH=SANDBOX_PATH))
 
     say("baselines: hyper floor")
+    # Kept up (idle) for the whole run: c=1 figures pair each run with a floor run.
     floor = Server([FLOOR, "--listen", "127.0.0.1:0"], os.environ.copy(),
                    os.path.join(tmp, "floor.log"), "hyper-floor")
     try:
-        url = f"http://{floor.addr}/hello/ada"
-        B["hyper_floor_c1"] = loadgen("run", "--url", url, "-c", 1, "--warmup-requests",
-                                      args.warmup, "--requests", args.warm_requests)
-        B["hyper_floor_c32"] = loadgen("run", "--url", url, "-c", args.rps_conns,
+        floor_url = f"http://{floor.addr}/hello/ada"
+        B["hyper_floor_c1"] = latency_c1(args, floor_url)
+        B["hyper_floor_c32"] = loadgen("run", "--url", floor_url, "-c", args.rps_conns,
                                        "--warmup-secs", args.rps_warmup, "--duration", args.rps_secs)
+        measure_nimbus(args, R, tmp, say, floor_url)
     finally:
         floor.stop()
 
+
+def measure_nimbus(args, R, tmp, say, floor_url):
+    B, P = R["baselines"], R["platform"]
     parent = f"nimbus-bench-{os.getpid()}"
     R["meta"]["cgroup_parent"] = parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIMBUS_")}
@@ -544,8 +586,7 @@ def measure(args, R, tmp):
         pid = server.proc.pid
         time.sleep(1.0)
         P["rss_idle_start"] = vm_rss(pid)
-        P["health_c1"] = loadgen("run", "--url", f"http://{addr}/health", "-c", 1,
-                                 "--warmup-requests", args.warmup, "--requests", args.warm_requests)
+        P["health_c1"] = latency_c1(args, f"http://{addr}/health", floor_url)
         for _, fn, d, path, _ in FUNCTIONS:
             run([NIMBUS, "deploy", os.path.join(ROOT, d)], env=env, what=f"deploy {d}")
             status, _, body = http_get(addr, path)
@@ -570,9 +611,8 @@ def measure(args, R, tmp):
                 raise Failed(f"GET {path}: {status}")
             time.sleep(args.settle)
             F["instance_idle"] = instance_memory(parent, fn)
-            say(f"{runtime}: warm latency, c=1, {args.warm_requests} requests")
-            F["warm_c1"] = loadgen("run", "--url", url, "-c", 1, "--warmup-requests", args.warmup,
-                                   "--requests", args.warm_requests)
+            say(f"{runtime}: warm latency, c=1, {args.latency_repeats} x {args.warm_requests} requests")
+            F["warm_c1"] = latency_c1(args, url, floor_url)
             say(f"{runtime}: throughput, c={args.rps_conns}, {args.rps_secs} s")
             with RssSampler(pid) as s:
                 F["rps_c32"] = loadgen("run", "--url", url, "-c", args.rps_conns,
@@ -601,6 +641,8 @@ def main():
                     help="idle time between an eviction and the cold request")
     ap.add_argument("--warm-requests", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200, help="unrecorded requests before c=1 runs")
+    ap.add_argument("--latency-repeats", type=int, default=5,
+                    help="c=1 latency runs per target; the best p50 is reported")
     ap.add_argument("--rps-conns", type=int, default=32)
     ap.add_argument("--rps-secs", type=float, default=5.0)
     ap.add_argument("--rps-warmup", type=float, default=1.0)
@@ -668,7 +710,8 @@ def main():
     header = (f"nimbus bench {m['timestamp']}  git {m['git']}  {m['cpus']} cpus  kernel {m['kernel']}  "
               f"loadavg {m['loadavg_start']} -> {m['loadavg_end']}  ({m['bench_seconds']} s)\n"
               f"client: {m['client']}; cold = evict, {args.cold_pause_ms} ms idle, one request, "
-              f"x{args.cold_runs}; warm c=1 = {args.warm_requests} requests after {args.warmup}; "
+              f"x{args.cold_runs}; c=1 latency = best p50 of {args.latency_repeats} x {args.warm_requests} "
+              f"requests after {args.warmup}, each run paired with a floor run; "
               f"throughput = {args.rps_secs:g} s after {args.rps_warmup:g} s warm-up\n"
               f"ratios: cold vs interpreter start, latency vs hyper floor p50, req/s vs hyper floor req/s; "
               f"targets are informational")
