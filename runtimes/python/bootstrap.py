@@ -341,8 +341,16 @@ def _setenv(key, value):
         posix.unsetenv(key)
 
 
+_trace_id = None
+
+
 def _set_trace_id(trace_id):
-    _setenv("_X_AMZN_TRACE_ID", trace_id or None)
+    # Most invocations carry no trace id: skip the environment update when nothing changes.
+    global _trace_id
+    trace_id = trace_id or None
+    if trace_id != _trace_id:
+        _trace_id = trace_id
+        _setenv("_X_AMZN_TRACE_ID", trace_id)
 
 
 def _invoke(handler, body):

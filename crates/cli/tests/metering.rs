@@ -103,6 +103,11 @@ fn a_known_workload_shows_in_usage_logs_records_and_metrics() {
         assert_eq!(billed, (duration + init).ceil() as u64, "{rec}");
         let gb = rec["gb_seconds"].as_f64().expect("gb");
         assert!((gb - 128.0 / 1024.0 * billed as f64 / 1000.0).abs() < 1e-12);
+        // What the instance really used, from its cgroup: a Python interpreter holds
+        // megabytes and spends some CPU on every call.
+        let peak = rec["peak_memory_bytes"].as_u64().unwrap_or(0);
+        assert!(peak > 1024 * 1024 && peak <= 128 * 1024 * 1024, "{rec}");
+        assert!(rec["cpu_ms"].as_f64().is_some_and(|c| c > 0.0), "{rec}");
         *gb_by_fn
             .entry(rec["function"].as_str().expect("fn").to_string())
             .or_default() += gb;

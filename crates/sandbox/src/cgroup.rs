@@ -257,10 +257,25 @@ impl InstanceCgroup {
 
     pub(crate) fn set_cpu_millis(&self, cpu_millis: u32) -> Result<(), Error> {
         let quota = u64::from(cpu_millis) * CPU_PERIOD_US / 1000;
-        match &self.dirs {
-            Dirs::V1 { cpu, .. } => write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string()),
-            Dirs::V2 { dir } => write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}")),
+        let (limit, burst) = match &self.dirs {
+            Dirs::V1 { cpu, .. } => (cpu.join("cpu.cfs_quota_us"), cpu.join("cpu.cfs_burst_us")),
+            Dirs::V2 { dir } => (dir.join("cpu.max"), dir.join("cpu.max.burst")),
+        };
+        // Burst lets a function spend quota it left unused in earlier periods (up to one
+        // period's worth): the same average share, without a 100 ms stall when a burst
+        // of requests lands in one period. Optional: kernels before 5.14 lack it.
+        let has_burst = burst.exists();
+        if has_burst {
+            let _ = fs::write(&burst, "0");
         }
+        match &self.dirs {
+            Dirs::V1 { .. } => write(&limit, &quota.to_string())?,
+            Dirs::V2 { .. } => write(&limit, &format!("{quota} {CPU_PERIOD_US}"))?,
+        }
+        if has_burst {
+            let _ = fs::write(&burst, quota.to_string());
+        }
+        Ok(())
     }
 
     /// Changes the memory limit of a live instance; refused when it already uses more.

@@ -22,9 +22,9 @@ pub(crate) struct Live {
     logs: LogBuffer,
     pub last_used: Instant,
     pub invocations: u64,
-    /// cgroup file with the instance's peak memory; on v1 it is reset before each
-    /// invocation so the peak is that invocation's own.
-    peak_file: Option<(std::path::PathBuf, bool)>,
+    /// Open cgroup files, read and written in place on every invocation (a fresh
+    /// open per read cost more than the rest of the host's per-call work).
+    meter: Meter,
     /// Peak memory and CPU time of the last invocation, when the cgroup told us.
     pub last_peak_bytes: Option<u64>,
     pub last_cpu_ms: Option<f64>,
@@ -52,17 +52,7 @@ impl Live {
         let output = sandbox.take_output().ok_or_else(missing)?;
         control.set_nonblocking(true)?;
         let control = UnixStream::from_std(control)?;
-        let peak_file = sandbox.cgroup_dirs().into_iter().find_map(|d| {
-            let v1 = d.join("memory.max_usage_in_bytes");
-            let v2 = d.join("memory.peak");
-            if v1.exists() {
-                Some((v1, true))
-            } else if v2.exists() {
-                Some((v2, false))
-            } else {
-                None
-            }
-        });
+        let meter = Meter::open(&sandbox.cgroup_dirs());
         let output_raw = File::from(output.try_clone()?);
         let output = pipe::Receiver::from_owned_fd(output)?;
         Ok(Live {
@@ -73,7 +63,7 @@ impl Live {
             logs: LogBuffer::default(),
             last_used: Instant::now(),
             invocations: 0,
-            peak_file,
+            meter,
             last_peak_bytes: None,
             last_cpu_ms: None,
             uid: None,
@@ -195,12 +185,8 @@ impl Live {
             .unwrap_or(0)
             + timeout.as_millis() as u64;
         let frame = protocol::invoke_frame(request_id, deadline_ms, arn, event);
-        // v1 lets us reset the high-water mark, so the peak is this invocation's own;
-        // v2's memory.peak is the instance's peak since it started.
-        if let Some((path, true)) = &self.peak_file {
-            let _ = std::fs::write(path, "0");
-        }
-        let cpu_before = self.sandbox.cpu_usage_ns();
+        self.meter.reset_peak();
+        let cpu_before = self.meter.cpu_ns();
         let started = Instant::now();
         let write = async {
             self.control
@@ -214,12 +200,8 @@ impl Live {
         }
         let left = timeout.saturating_sub(started.elapsed());
         let frame = self.next_frame(left).await;
-        self.last_peak_bytes = self
-            .peak_file
-            .as_ref()
-            .and_then(|(p, _)| std::fs::read_to_string(p).ok())
-            .and_then(|t| t.trim().parse().ok());
-        self.last_cpu_ms = match (cpu_before, self.sandbox.cpu_usage_ns()) {
+        self.last_peak_bytes = self.meter.peak_bytes();
+        self.last_cpu_ms = match (cpu_before, self.meter.cpu_ns()) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
             _ => None,
         };
@@ -294,6 +276,73 @@ impl Live {
                 Ok(_) => continue,
                 Err(_) => break,
             }
+        }
+    }
+}
+
+/// The instance's cgroup accounting files, kept open.
+struct Meter {
+    /// `memory.max_usage_in_bytes` (v1, resettable: the peak is the invocation's own)
+    /// or `memory.peak` (v2: the instance's peak since it started).
+    peak: Option<(File, bool)>,
+    /// `cpuacct.usage` (v1, ns) or `cpu.stat` (v2, `usage_usec`).
+    cpu: Option<(File, bool)>,
+}
+
+impl Meter {
+    fn open(dirs: &[std::path::PathBuf]) -> Meter {
+        // Names first, then directories: v1's cpu controller also has a `cpu.stat`
+        // (throttling counts, no usage), which must not shadow `cpuacct.usage`.
+        let find = |names: &[(&str, bool)], write: bool| {
+            names.iter().find_map(|(n, v1)| {
+                dirs.iter().find_map(|d| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(write && *v1)
+                        .open(d.join(n))
+                        .ok()
+                        .map(|f| (f, *v1))
+                })
+            })
+        };
+        Meter {
+            peak: find(
+                &[("memory.max_usage_in_bytes", true), ("memory.peak", false)],
+                true,
+            ),
+            cpu: find(&[("cpuacct.usage", true), ("cpu.stat", false)], false),
+        }
+    }
+
+    fn read(file: &File) -> Option<String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n]).ok().map(str::to_string)
+    }
+
+    fn reset_peak(&self) {
+        use std::os::unix::fs::FileExt;
+        if let Some((f, true)) = &self.peak {
+            let _ = f.write_at(b"0", 0);
+        }
+    }
+
+    fn peak_bytes(&self) -> Option<u64> {
+        let (f, _) = self.peak.as_ref()?;
+        Self::read(f)?.trim().parse().ok()
+    }
+
+    fn cpu_ns(&self) -> Option<u64> {
+        let (f, v1) = self.cpu.as_ref()?;
+        let text = Self::read(f)?;
+        if *v1 {
+            text.trim().parse().ok()
+        } else {
+            text.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|us| us.saturating_mul(1000))
         }
     }
 }
