@@ -991,56 +991,6 @@ fn shared_libs(binary: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-// Archive helpers, after e2e.rs's (which the tar crate cannot replace: it refuses to
-// build hostile entries); here the file mode is a parameter.
-
-fn tar_with(manifest: &str, extra: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut raw = Vec::new();
-    raw_entry(&mut raw, "nimbus.toml", manifest.as_bytes(), "0000644");
-    extra(&mut raw);
-    raw.extend_from_slice(&[0u8; 1024]);
-    gzip(&raw)
-}
-
-/// A ustar header written by hand; `mode` is 7 octal digits.
-fn header(name: &str, size: usize, kind: u8, link: &str, mode: &str) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..107].copy_from_slice(mode.as_bytes());
-    h[108..115].copy_from_slice(b"0000000");
-    h[116..123].copy_from_slice(b"0000000");
-    let sz = format!("{size:011o}");
-    h[124..135].copy_from_slice(sz.as_bytes());
-    h[136..147].copy_from_slice(b"00000000000");
-    h[156] = kind;
-    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-    let cs = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(cs.as_bytes());
-    h
-}
-
-fn raw_entry(out: &mut Vec<u8>, name: &str, data: &[u8], mode: &str) {
-    out.extend_from_slice(&header(name, data.len(), b'0', "", mode));
-    out.extend_from_slice(data);
-    let pad = (512 - data.len() % 512) % 512;
-    out.extend(std::iter::repeat_n(0u8, pad));
-}
-
-fn symlink_entry(out: &mut Vec<u8>, name: &str, target: &str) {
-    out.extend_from_slice(&header(name, 0, b'2', target, "0000777"));
-}
-
-fn gzip(raw: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(raw).expect("gzip");
-    e.finish().expect("gzip")
-}
-
 // ---------------------------------------------------------------- egress
 
 /// A copy of the probe with `network = "egress"`, made at test time so the probe's code

@@ -621,18 +621,7 @@ fn configure(conn: &Connection, path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .map_err(open_err)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::Pragma {
-            path: path.to_path_buf(),
-            pragma: "journal_mode",
-            wanted: "wal",
-            found: mode,
-        });
-    }
+    enable_wal(conn, path)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
     // Only macOS needs these for fsync to reach the platter; elsewhere they are no-ops.
@@ -702,6 +691,27 @@ const FUNCTION_SELECT: &str = "SELECT f.name, f.created_at, f.updated_at,
         (SELECT a.version FROM aliases a WHERE a.function = f.name AND a.name = 'live'),
         f.min_instances, f.max_instances
     FROM functions f";
+
+/// Busy timeout and WAL, checked: every connection to the state file needs both.
+pub(crate) fn enable_wal(conn: &Connection, path: &Path) -> Result<()> {
+    let open_err = |source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Pragma {
+            path: path.to_path_buf(),
+            pragma: "journal_mode",
+            wanted: "wal",
+            found: mode,
+        });
+    }
+    Ok(())
+}
 
 fn function_row(r: &Row<'_>) -> rusqlite::Result<FunctionRow> {
     Ok(FunctionRow {

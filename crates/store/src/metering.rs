@@ -29,7 +29,7 @@ use nimbus_core::{InvocationRecord, RecordSink, Trigger};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use crate::{BUSY_TIMEOUT, Error, Result};
+use crate::{Error, Result};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const HOUR_MS: i64 = 3_600_000;
@@ -654,18 +654,7 @@ fn open_conn(path: &Path) -> Result<Connection> {
         source,
     };
     let conn = Connection::open(path).map_err(open_err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .map_err(open_err)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::Pragma {
-            path: path.to_path_buf(),
-            pragma: "journal_mode",
-            wanted: "wal",
-            found: mode,
-        });
-    }
+    crate::enable_wal(&conn, path)?;
     // Metering is not an acknowledged write: surviving a process crash is enough.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(open_err)?;
