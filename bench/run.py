@@ -241,17 +241,33 @@ def proc_mem(pid):
             "uss": kv.get("Private_Clean", 0) + kv.get("Private_Dirty", 0)}
 
 
-def instance_memory(parent, function):
-    """Every live instance cgroup of `function` (named FUNCTION-VERSION-ID by the worker):
-    cgroup usage and anon memory, and the Pss/Rss of its processes."""
+def instance_ids(addr, token, function):
+    """The ids of `function`'s live instances, from the platform: an instance started
+    from a stem cell keeps its `stem-...` id, so names alone cannot tell."""
+    host, port = addr.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        c.request("GET", f"/v1/instances?function={function}",
+                  headers={"Authorization": f"Bearer {token}"})
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200:
+            raise Failed(f"GET /v1/instances: {r.status} {body[:300]!r}")
+        return {i["id"] for i in json.loads(body)}
+    finally:
+        c.close()
+
+
+def instance_memory(parent, ids):
+    """Every live instance cgroup among `ids`: cgroup usage and anon memory, and the
+    Pss/Rss of its processes."""
     pdir, usage_file = cgroup_parent_dir(parent)
     if not pdir:
         return []
-    pat = re.compile(re.escape(function) + r"-\d+-[^-]+")
     out = []
     for name in sorted(os.listdir(pdir)):
         d = os.path.join(pdir, name)
-        if not (pat.fullmatch(name) and os.path.isdir(d)):
+        if not (name in ids and os.path.isdir(d)):
             continue
         try:
             with open(os.path.join(d, usage_file)) as f:
@@ -610,7 +626,7 @@ def measure_nimbus(args, R, tmp, say, floor_url):
             if status != 200:
                 raise Failed(f"GET {path}: {status}")
             time.sleep(args.settle)
-            F["instance_idle"] = instance_memory(parent, fn)
+            F["instance_idle"] = instance_memory(parent, instance_ids(addr, token, fn))
             say(f"{runtime}: warm latency, c=1, {args.latency_repeats} x {args.warm_requests} requests")
             F["warm_c1"] = latency_c1(args, url, floor_url)
             say(f"{runtime}: throughput, c={args.rps_conns}, {args.rps_secs} s")
@@ -619,7 +635,7 @@ def measure_nimbus(args, R, tmp, say, floor_url):
                                        "--warmup-secs", args.rps_warmup, "--duration", args.rps_secs)
             F["rss_load_max"], F["rss_load_samples"] = s.max, s.samples
             time.sleep(args.settle)
-            F["instances_after_load"] = instance_memory(parent, fn)
+            F["instances_after_load"] = instance_memory(parent, instance_ids(addr, token, fn))
             http_post(addr, f"/v1/functions/{fn}/evict", token)
         time.sleep(1.0)
         P["rss_idle_end"] = vm_rss(pid)
