@@ -661,12 +661,19 @@ fn open_conn(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// How long the writer waits to fill a batch after the first record arrives.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters, max_batch: usize) {
     // Ends when every sender is gone and the queue is drained.
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
         let mut next = Some(first);
+        // Gather for a few milliseconds before committing: under load one commit per
+        // handful of records cost more CPU than the invocations themselves; a flush
+        // request ends the wait at once.
+        let until = std::time::Instant::now() + COALESCE;
         while let Some(msg) = next.take() {
             match msg {
                 Msg::Record(r) => batch.push(r),
@@ -674,7 +681,18 @@ fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters,
                 Msg::Flush(done) => flushes.push(done),
             }
             if batch.len() < max_batch {
-                next = rx.try_recv().ok();
+                next = match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(_) if flushes.is_empty() => {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            None
+                        } else {
+                            rx.recv_timeout(left).ok()
+                        }
+                    }
+                    Err(_) => None,
+                };
             }
         }
         if !batch.is_empty() {
