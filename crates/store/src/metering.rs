@@ -667,13 +667,16 @@ const COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
 fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters, max_batch: usize) {
     // Ends when every sender is gone and the queue is drained.
     while let Ok(first) = rx.recv() {
+        // Let a batch build up before taking it: waking per record would cost a
+        // context switch per invocation (competing with functions for a core on a small
+        // host), and committing per handful of records more CPU than the invocations.
+        // A flush request is served at once.
+        if matches!(first, Msg::Record(_)) {
+            std::thread::sleep(COALESCE);
+        }
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
         let mut next = Some(first);
-        // Gather for a few milliseconds before committing: under load one commit per
-        // handful of records cost more CPU than the invocations themselves; a flush
-        // request ends the wait at once.
-        let until = std::time::Instant::now() + COALESCE;
         while let Some(msg) = next.take() {
             match msg {
                 Msg::Record(r) => batch.push(r),
@@ -681,18 +684,7 @@ fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters,
                 Msg::Flush(done) => flushes.push(done),
             }
             if batch.len() < max_batch {
-                next = match rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(_) if flushes.is_empty() => {
-                        let left = until.saturating_duration_since(std::time::Instant::now());
-                        if left.is_zero() {
-                            None
-                        } else {
-                            rx.recv_timeout(left).ok()
-                        }
-                    }
-                    Err(_) => None,
-                };
+                next = rx.try_recv().ok();
             }
         }
         if !batch.is_empty() {
