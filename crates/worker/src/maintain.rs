@@ -22,6 +22,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     loop {
         let changed = tokio::select! {
             _ = tick.tick() => false,
+            _ = inner.stems.used.notified() => {
+                crate::spawn::refill(&inner);
+                continue;
+            }
             r = changes.changed() => {
                 if r.is_err() {
                     return;

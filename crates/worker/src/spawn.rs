@@ -29,6 +29,9 @@ pub(crate) struct Stems {
     starting: std::sync::Mutex<HashMap<StemKey, usize>>,
     /// Interpreters worth keeping stems for: the defaults, and any a cold start used.
     wanted: std::sync::Mutex<BTreeSet<StemKey>>,
+    /// Woken when a stem was used, so the maintainer replaces it now rather than at its
+    /// next tick (and after the cold start it served, not competing with it for CPU).
+    pub used: tokio::sync::Notify,
 }
 
 impl Stems {
@@ -163,7 +166,9 @@ impl Inner {
         if let Some(key) = self.stem_key(pool) {
             self.stems.want(key.clone());
             if let Some(stem) = self.stems.take(&key) {
-                match self.assign(stem, pool).await {
+                let assigned = self.assign(stem, pool).await;
+                self.stems.used.notify_one();
+                match assigned {
                     Ok(live) => return Ok(live),
                     // The function's own failure to load is the answer; a stem that
                     // broke is not: fall back to a fresh instance.
