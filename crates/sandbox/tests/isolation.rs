@@ -4,45 +4,21 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use nimbus_sandbox::{
-    Bind, Error, Host, HostConfig, Instance, InstanceSpec, Isolation, Limits, Network, Rootfs,
-};
+use nimbus_sandbox::{Bind, Error, Host, InstanceSpec, Isolation, Limits, Network, Rootfs};
 
-const INIT: &str = env!("CARGO_BIN_EXE_nimbus-sandbox-test-init");
-const PROBE: &str = include_str!("syscall_probe.py");
+mod common;
+use common::*;
 
 fn host(name: &str) -> Host {
-    let cfg = HostConfig {
-        init_exe: PathBuf::from(INIT),
-        parent: format!("nimbus-iso-{}-{name}", std::process::id()),
-        ..HostConfig::default()
-    };
-    Host::detect(cfg).unwrap_or_else(|e| panic!("detect: {e}"))
+    common::host("iso", name)
 }
 
-/// (interpreter, its prefix): the real interpreter, not a pyenv shim.
-fn python() -> &'static (String, String) {
-    static PY: OnceLock<(String, String)> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys;print(sys.executable);print(sys.prefix)"])
-            .output()
-            .expect("python3 is needed by these tests");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let mut l = text.lines();
-        (
-            l.next().expect("executable").to_string(),
-            l.next().expect("prefix").to_string(),
-        )
-    })
-}
+const PROBE: &str = include_str!("syscall_probe.py");
 
 /// A code dir the function uid can read (tempdirs are 0700).
 fn code_dir() -> tempfile::TempDir {
@@ -82,38 +58,6 @@ fn sh(id: &str, uid: u32, code: &Path, script: &str) -> InstanceSpec {
 
 fn py(id: &str, uid: u32, code: &Path, script: &str) -> InstanceSpec {
     secure(id, uid, code, &python().0, &["-c", script])
-}
-
-fn read_output(fd: &OwnedFd, until: Duration) -> String {
-    let deadline = Instant::now() + until;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2))
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn wait_timeout(inst: &mut Instance, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = inst.try_wait().expect("try_wait") {
-            return s;
-        }
-        if Instant::now() > deadline {
-            inst.kill();
-            panic!("instance {} did not exit within {limit:?}", inst.id());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 struct Run {
@@ -450,16 +394,6 @@ fn denied_syscalls_fail_with_eperm() {
         assert_ne!(plain[k], "EPERM", "{k} is EPERM even without seccomp");
         assert_ne!(plain[k], filtered[k], "{k}");
     }
-}
-
-fn pids_in(dirs: &[PathBuf]) -> Vec<i32> {
-    let mut v = Vec::new();
-    for d in dirs {
-        if let Ok(t) = std::fs::read_to_string(d.join("cgroup.procs")) {
-            v.extend(t.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
-    }
-    v
 }
 
 fn dead(pid: i32) -> bool {

@@ -2,30 +2,21 @@
 //! parent cgroup so parallel tests cannot see each other's instances.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nimbus_sandbox::{
     CgroupVersion, Error, Host, HostConfig, Instance, InstanceSpec, Isolation, Limits,
 };
 
-const INIT: &str = env!("CARGO_BIN_EXE_nimbus-sandbox-test-init");
+mod common;
+use common::*;
 
 fn host(name: &str) -> Host {
-    let cfg = HostConfig {
-        init_exe: PathBuf::from(INIT),
-        parent: format!("nimbus-test-{}-{name}", std::process::id()),
-        ..HostConfig::default()
-    };
-    match Host::detect(cfg) {
-        Ok(h) => h,
-        Err(e) => panic!("detect: {e}"),
-    }
+    common::host("test", name)
 }
 
 fn spec(id: &str, program: &str, args: &[&str]) -> InstanceSpec {
@@ -47,52 +38,6 @@ fn sh(id: &str, script: &str) -> InstanceSpec {
     spec(id, "/bin/sh", &["-c", script])
 }
 
-/// The interpreter itself, not a pyenv shim (the sandbox's env has no pyenv variables).
-fn python() -> &'static str {
-    static PY: OnceLock<String> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys;print(sys.executable)"])
-            .output()
-            .expect("python3 is needed by these tests");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    })
-}
-
-/// Reads the output pipe until EOF (every writer gone) or the deadline.
-fn read_output(fd: &OwnedFd, until: Duration) -> String {
-    let deadline = Instant::now() + until;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2))
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Reads the output until `needle` appears.
-fn read_until(fd: &OwnedFd, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline && !String::from_utf8_lossy(&out).contains(needle) {
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(_) => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 struct Run {
     status: std::process::ExitStatus,
     output: String,
@@ -103,20 +48,6 @@ fn run(inst: &mut Instance) -> Run {
     let status = wait_timeout(inst, Duration::from_secs(30));
     let output = read_output(&out, Duration::from_secs(5));
     Run { status, output }
-}
-
-fn wait_timeout(inst: &mut Instance, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = inst.try_wait().expect("try_wait") {
-            return s;
-        }
-        if Instant::now() > deadline {
-            inst.kill();
-            panic!("instance {} did not exit within {limit:?}", inst.id());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn read_frame(s: &mut UnixStream) -> (u8, serde_json::Value) {
@@ -202,7 +133,7 @@ fn loopback_is_up_but_the_host_is_unreachable() {
          except OSError as e:\n    print('host unreachable', e)\n"
     );
     let mut i = h
-        .spawn(&spec("net", python(), &["-c", &script]))
+        .spawn(&spec("net", &python().0, &["-c", &script]))
         .expect("spawn");
     let r = run(&mut i);
     assert!(r.status.success(), "{:?} {}", r.status, r.output);
@@ -252,7 +183,7 @@ fn control_fd_works_both_ways() {
                   out = json.dumps({'echo': body['x'].upper(), 'kind': chr(h[0])}).encode()\n\
                   f.write(b'S' + struct.pack('>I', len(out)) + out)\n";
     let mut i = h
-        .spawn(&spec("ctl", python(), &["-c", script]))
+        .spawn(&spec("ctl", &python().0, &["-c", script]))
         .expect("spawn");
     let mut ctl = i.take_control().expect("control");
     assert!(i.take_control().is_none());
@@ -273,7 +204,7 @@ fn memory_limit_oom_kills() {
     let h = host("oom");
     let mut s = spec(
         "oom",
-        python(),
+        &python().0,
         &[
             "-c",
             "b = bytearray(b'x') * (256 << 20); print('survived', len(b))",
@@ -320,18 +251,6 @@ fn pids_limit_stops_forks() {
     assert!(!text.contains("forked-all"), "{text}");
 }
 
-fn pids_in(dirs: &[PathBuf]) -> Vec<i32> {
-    let mut v = Vec::new();
-    for d in dirs {
-        if let Ok(t) = std::fs::read_to_string(d.join("cgroup.procs")) {
-            v.extend(t.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
-    }
-    v.sort();
-    v.dedup();
-    v
-}
-
 fn gone(pid: i32) -> bool {
     // A zombie still has /proc/<pid>; "gone" means reaped as well as dead.
     !Path::new(&format!("/proc/{pid}")).exists()
@@ -344,7 +263,7 @@ fn kill_takes_down_the_tree_and_drop_cleans_up() {
         .spawn(&sh("kill", "sleep 100 & sleep 100 & echo ready; wait"))
         .expect("spawn");
     let out = i.take_output().expect("output");
-    let seen = read_until(&out, "ready");
+    let seen = read_until(&out, "ready", Duration::from_secs(10));
     assert!(seen.contains("ready"), "{seen}");
     let dirs = i.cgroup_dirs();
     assert!(!dirs.is_empty());
@@ -392,10 +311,10 @@ fn sigterm_is_forwarded() {
                   print('ready', flush=True)\n\
                   time.sleep(30)\n";
     let mut i = h
-        .spawn(&spec("term", python(), &["-c", script]))
+        .spawn(&spec("term", &python().0, &["-c", script]))
         .expect("spawn");
     let out = i.take_output().expect("output");
-    assert!(read_until(&out, "ready").contains("ready"));
+    assert!(read_until(&out, "ready", Duration::from_secs(10)).contains("ready"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i.pid() as i32),
         nix::sys::signal::Signal::SIGTERM,

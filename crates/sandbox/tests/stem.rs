@@ -1,59 +1,27 @@
 //! Stem cells on this machine (run as root): a blank instance gets its code later.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nimbus_sandbox::{
     Bind, Error, Host, HostConfig, Instance, InstanceSpec, Isolation, Limits, Network, Rootfs,
 };
 
-const INIT: &str = env!("CARGO_BIN_EXE_nimbus-sandbox-test-init");
+mod common;
+use common::*;
 
 fn host(name: &str) -> Host {
-    let cfg = HostConfig {
-        init_exe: PathBuf::from(INIT),
-        parent: format!("nimbus-stem-{}-{name}", std::process::id()),
-        ..HostConfig::default()
-    };
-    let h = Host::detect(cfg).unwrap_or_else(|e| panic!("detect: {e}"));
+    let h = common::host("stem", name);
     assert!(
         h.stem_cells_available(),
         "this kernel should support stem cells"
     );
     h
-}
-
-/// (interpreter, its prefix): the real interpreter, not a pyenv shim.
-fn python() -> &'static (String, String) {
-    static PY: OnceLock<(String, String)> = OnceLock::new();
-    PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys;print(sys.executable);print(sys.prefix)"])
-            .output()
-            .expect("python3 is needed by these tests");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let mut l = text.lines();
-        (
-            l.next().expect("executable").to_string(),
-            l.next().expect("prefix").to_string(),
-        )
-    })
-}
-
-/// A directory the instance uid can read (tempdirs are 0700).
-fn readable_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let d = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    for (name, text) in files {
-        std::fs::write(d.path().join(name), text).expect("write");
-    }
-    d
 }
 
 fn stem_rootfs(runtime: Option<&Path>) -> Rootfs {
@@ -88,31 +56,6 @@ fn stem_spec(
     }
 }
 
-fn read_until(fd: &OwnedFd, needle: &str, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline && !String::from_utf8_lossy(&out).contains(needle) {
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(_) => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn wait_exit(inst: &mut Instance) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = inst.try_wait().expect("try_wait") {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "instance did not exit");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn shell_stem_sees_code_appear_read_only_and_never_holds_fd4() {
     let h = host("sh");
@@ -133,7 +76,7 @@ fn shell_stem_sees_code_appear_read_only_and_never_holds_fd4() {
     // Assigning twice would stack mounts: refused.
     let again = inst.assign_code(code.path()).expect_err("second assign");
     assert!(again.to_string().contains("already assigned"), "{again}");
-    let status = wait_exit(&mut inst);
+    let status = wait_timeout_20s(&mut inst);
     let text = read_until(&out, "\u{0}", Duration::from_secs(2));
     assert!(status.success(), "{status:?}\n{first}{text}");
     assert!(text.contains("the code"), "{text}");
@@ -407,7 +350,7 @@ fn bad_handler_after_assignment_fails_init() {
     let (kind, err) = s.assign("main.handler", 128);
     assert_eq!(kind, b'F', "{err}");
     assert_eq!(err["errorType"], "Runtime.HandlerNotFound");
-    assert_eq!(wait_exit(&mut s.inst).code(), Some(1));
+    assert_eq!(wait_timeout_20s(&mut s.inst).code(), Some(1));
 }
 
 #[test]
@@ -487,7 +430,7 @@ fn lowered_memory_limit_is_enforced_and_refused_below_usage() {
         read_frame(&mut s.control).is_none(),
         "expected the instance to die"
     );
-    let status = wait_exit(&mut s.inst);
+    let status = wait_timeout_20s(&mut s.inst);
     assert!(!status.success());
     assert!(s.inst.oom_killed(), "{status:?}");
 }
@@ -582,4 +525,8 @@ fn bench_stem_cold_start() {
             );
         }
     }
+}
+
+fn wait_timeout_20s(inst: &mut Instance) -> std::process::ExitStatus {
+    wait_timeout(inst, Duration::from_secs(20))
 }
