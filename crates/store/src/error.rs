@@ -1,3 +1,5 @@
+//! The store's one error type; its user-facing variants are shown to API callers as-is.
+
 use std::path::PathBuf;
 
 use nimbus_core::routes::RouteConflict;

@@ -1,3 +1,5 @@
+//! Store tests against a real SQLite file in a temp dir.
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -1,3 +1,5 @@
+//! Recorder tests: batching, retention, usage maths and recommendations.
+
 use super::*;
 
 const MB: u64 = 1024 * 1024;
