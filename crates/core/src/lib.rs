@@ -26,7 +26,18 @@ pub use manifest::{
 /// Largest request or response payload a synchronous invocation accepts (Lambda's 6 MB).
 pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
 
-/// A fresh request id (UUID v4, as Lambda's `aws_request_id`).
+/// A fresh request id: a UUID, like Lambda's `aws_request_id`, but version 7 (time
+/// ordered, monotonic within the process). Invocation records are keyed by it, so
+/// ordered ids make every index insert land on the B-tree's last page instead of a
+/// random one: at thousands of invocations per second, random v4 keys cost the
+/// metering writer a page read per record once the table outgrew SQLite's cache.
 pub fn new_request_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Eight random hex digits, for names that must not repeat (instance ids). Not a
+/// request id prefix: those are time-ordered and repeat within a second.
+pub fn short_random_id() -> String {
+    let b = uuid::Uuid::new_v4().into_bytes();
+    format!("{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }

@@ -77,10 +77,7 @@ fn command(
     Ok(match runtime {
         Runtime::Python3 => {
             let script = runtime_root.join("bootstrap.py").display().to_string();
-            (
-                interp("python3")?,
-                vec!["-I".into(), "-S".into(), "-u".into(), script],
-            )
+            (interp("python3")?, vec!["-I".into(), "-S".into(), script])
         }
         Runtime::Node => {
             let script = runtime_root.join("bootstrap.mjs").display().to_string();
@@ -155,7 +152,7 @@ fn tmp_bytes(memory_mb: u32) -> u64 {
 }
 
 fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{}", &nimbus_core::new_request_id()[..8])
+    format!("{prefix}-{}", nimbus_core::short_random_id())
 }
 
 impl Inner {
