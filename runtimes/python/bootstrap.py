@@ -1,7 +1,7 @@
 """nimbus Python runtime shim: loads a Lambda-style handler and serves invocations.
 
 Speaks the frame protocol of docs/runtime-protocol.md over fd 3. Started by the host as
-`python3 -I -S -u bootstrap.py` with cwd = LAMBDA_TASK_ROOT, or, with NIMBUS_STEM=1, as a
+`python3 -I -S bootstrap.py` with cwd = LAMBDA_TASK_ROOT, or, with NIMBUS_STEM=1, as a
 stem cell: it says `R {"stem": true}` with no function yet and waits for an `A` frame
 carrying the handler and the function's environment (the host has mounted the code at
 `taskRoot` by then).
@@ -496,6 +496,15 @@ def _apply_assignment(a):
 def main():
     # Subprocesses of the handler must not inherit (and be able to write to) the channel.
     posix.set_inheritable(_FD, False)
+    # Line-buffered output (not `-u`): a print() is one write, not one per argument and
+    # newline, and a complete line still reaches the log at once, so a function that
+    # is then killed at its deadline keeps what it printed. _send flushes the rest
+    # before each frame.
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+        sys.stderr.reconfigure(line_buffering=True)
+    except Exception:
+        pass
     # The code is read-only in the sandbox (and content-addressed outside it): reading a
     # shipped __pycache__ is fine, trying to write one is wasted time.
     sys.dont_write_bytecode = True

@@ -34,7 +34,7 @@ TIMEOUT = 15.0
 
 
 def python_argv():
-    return [PYTHON, "-I", "-S", "-u", os.path.join(PY_SHIM_DIR, "bootstrap.py")]
+    return [PYTHON, "-I", "-S", os.path.join(PY_SHIM_DIR, "bootstrap.py")]
 
 
 def node_argv():

@@ -78,6 +78,10 @@ const SLIRP4NETNS_PATHS: [&str; 2] = ["/usr/bin/slirp4netns", "/usr/local/bin/sl
 /// How long the egress handshake (init in its netns, slirp4netns ready) may take.
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Capacity asked for the instance's stdout+stderr pipe: Linux's default
+/// `pipe-max-size`, and the worker's per-invocation log cap.
+pub const OUTPUT_PIPE_BYTES: i32 = 1024 * 1024;
+
 fn find_slirp4netns() -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     SLIRP4NETNS_PATHS.iter().map(PathBuf::from).find(|p| {
@@ -350,6 +354,14 @@ impl Host {
             nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
         )
         .map_err(|e| Error::CreatePipe(e.into()))?;
+        // The worker drains output on a timer rather than on every write (a wake-up of
+        // the host per log line would cost more than the invocation); a roomy pipe
+        // keeps a chatty function from blocking between drains. The buffer is charged
+        // to the writer's memory cgroup. Best effort: a smaller pipe only drains sooner.
+        let _ = nix::fcntl::fcntl(
+            out_r.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_BYTES),
+        );
         let mut inst = Instance {
             id: spec.id.clone(),
             child,
@@ -595,7 +607,8 @@ impl Instance {
         self.control.take()
     }
 
-    /// The read end of the stdout+stderr pipe, already `O_NONBLOCK`.
+    /// The read end of the stdout+stderr pipe, already `O_NONBLOCK`, sized
+    /// [`OUTPUT_PIPE_BYTES`] where the kernel allows.
     pub fn take_output(&mut self) -> Option<OwnedFd> {
         self.output.take()
     }

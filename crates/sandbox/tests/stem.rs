@@ -149,7 +149,7 @@ fn shim_spec(id: &str, lang: Lang, runtime: &Path) -> Option<InstanceSpec> {
     let (program, args) = match lang {
         Lang::Python => (
             python().0.clone(),
-            vec!["-I", "-S", "-u", "/var/runtime/bootstrap.py"],
+            vec!["-I", "-S", "/var/runtime/bootstrap.py"],
         ),
         Lang::Node => (node()?, vec!["/var/runtime/bootstrap.mjs"]),
     };

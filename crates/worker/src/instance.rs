@@ -7,18 +7,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nimbus_core::{FunctionError, InvokeStatus};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::net::unix::pipe;
 
 use crate::protocol::{self, Frame, FrameError, Kind};
 
 pub(crate) struct Live {
     sandbox: nimbus_sandbox::Instance,
     control: UnixStream,
-    /// The stdout+stderr pipe, for waiting on readiness.
-    output: pipe::Receiver,
-    /// A second handle on the same pipe, read directly: after a result frame we must
-    /// drain what is already buffered whatever tokio's readiness cache believes.
-    output_raw: File,
+    /// The stdout+stderr pipe (non-blocking), drained on a timer while an invocation
+    /// runs and once after its result. Deliberately not registered with the reactor:
+    /// epoll would wake a runtime thread for every line the function prints, whether
+    /// or not anyone waits for it.
+    output: File,
     logs: LogBuffer,
     pub last_used: Instant,
     pub invocations: u64,
@@ -53,13 +52,10 @@ impl Live {
         control.set_nonblocking(true)?;
         let control = UnixStream::from_std(control)?;
         let meter = Meter::open(&sandbox.cgroup_dirs());
-        let output_raw = File::from(output.try_clone()?);
-        let output = pipe::Receiver::from_owned_fd(output)?;
         Ok(Live {
             sandbox,
             control,
-            output,
-            output_raw,
+            output: File::from(output),
             logs: LogBuffer::default(),
             last_used: Instant::now(),
             invocations: 0,
@@ -227,38 +223,29 @@ impl Live {
         }
     }
 
-    /// Reads the next frame while draining the output pipe, so a chatty function never
-    /// blocks on a full pipe while we wait for its result.
+    /// Reads the next frame while draining the output pipe every [`DRAIN_EVERY`], so a
+    /// chatty function never blocks for long on a full pipe while we wait for its
+    /// result. Most invocations answer before the first drain is due: they cost no
+    /// wake-up for their output at all.
     async fn next_frame(&mut self, limit: Duration) -> Result<Frame, RunError> {
         let deadline = tokio::time::Instant::now() + limit;
-        let (control, output, logs) = (&mut self.control, &self.output, &mut self.logs);
         let frame = {
-            let read = protocol::read_frame(control);
+            let read = protocol::read_frame(&mut self.control);
             tokio::pin!(read);
-            let mut output_open = true;
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut drain =
+                tokio::time::interval_at(tokio::time::Instant::now() + DRAIN_EVERY, DRAIN_EVERY);
+            drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
+                    biased;
                     f = &mut read => break Some(f),
-                    ready = output.readable(), if output_open => {
-                        if ready.is_err() {
-                            output_open = false;
-                            continue;
-                        }
-                        match output.try_read(&mut buf) {
-                            // The function closed its output; it may still answer.
-                            Ok(0) => output_open = false,
-                            Ok(n) => logs.push(&buf[..n]),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(_) => output_open = false,
-                        }
-                    }
+                    _ = drain.tick() => drain_into(&self.output, &mut self.logs),
                     _ = tokio::time::sleep_until(deadline) => break None,
                 }
             }
         };
         // The shim flushed before it wrote the frame, so all of its output is already in
-        // the pipe: read it now, without waiting for the reactor.
+        // the pipe.
         self.drain_output();
         match frame {
             None => Err(RunError::Timeout),
@@ -269,13 +256,21 @@ impl Live {
     }
 
     fn drain_output(&mut self) {
-        let file = &self.output_raw;
-        loop {
-            match read_some(file, &mut self.logs) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(_) => break,
-            }
+        drain_into(&self.output, &mut self.logs);
+    }
+}
+
+/// How often output is drained while an invocation runs: with the 1 MiB pipe the
+/// sandbox asks for, a function would have to print over 200 MB/s to block on it.
+const DRAIN_EVERY: Duration = Duration::from_millis(5);
+
+/// Reads whatever the (non-blocking) output pipe holds into `logs`.
+fn drain_into(file: &File, logs: &mut LogBuffer) {
+    loop {
+        match read_some(file, logs) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(_) => break,
         }
     }
 }
