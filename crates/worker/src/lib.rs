@@ -311,6 +311,7 @@ impl Inner {
             outcome,
             started_at_ms,
             &pool.config.runtime_name,
+            &pool.metrics,
         );
     }
 

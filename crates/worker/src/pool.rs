@@ -41,11 +41,13 @@ pub(crate) struct Pool {
     registry: Mutex<BTreeMap<String, Meta>>,
     /// Instances being started (cold starts and provisioning) and not yet registered.
     pub starting: AtomicUsize,
+    pub metrics: crate::metering::PoolMetrics,
 }
 
 impl Pool {
     pub fn new(function: String, version: u32, config: FunctionConfig, code_dir: PathBuf) -> Pool {
         Pool {
+            metrics: crate::metering::PoolMetrics::new(&function, version),
             function,
             version,
             slots: Arc::new(Semaphore::new(config.concurrency.max_instances as usize)),
