@@ -4,15 +4,14 @@ use std::fs::File;
 use std::io::Read;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::control::Control;
 use nimbus_core::{FunctionError, InvokeStatus};
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
 
 use crate::protocol::{self, Frame, FrameError, Kind};
 
 pub(crate) struct Live {
     sandbox: nimbus_sandbox::Instance,
-    control: UnixStream,
+    control: Control,
     /// The stdout+stderr pipe (non-blocking), drained on a timer while an invocation
     /// runs and once after its result. Deliberately not registered with the reactor:
     /// epoll would wake a runtime thread for every line the function prints, whether
@@ -49,8 +48,7 @@ impl Live {
         let missing = || std::io::Error::other("instance has no control channel or output");
         let control = sandbox.take_control().ok_or_else(missing)?;
         let output = sandbox.take_output().ok_or_else(missing)?;
-        control.set_nonblocking(true)?;
-        let control = UnixStream::from_std(control)?;
+        let control = Control::new(control)?;
         let meter = Meter::open(&sandbox.cgroup_dirs());
         Ok(Live {
             sandbox,

@@ -10,6 +10,7 @@
 //! (sandbox). It reads the store only to resolve a function's alias to a version.
 #![forbid(unsafe_code)]
 
+mod control;
 mod instance;
 mod maintain;
 mod metering;
