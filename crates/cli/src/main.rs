@@ -13,6 +13,7 @@
 mod build;
 mod client;
 mod init;
+mod keys;
 mod meter;
 mod scale;
 mod serve;
@@ -111,6 +112,11 @@ enum Command {
     Logs(usage::LogsArgs),
     /// Write a new, working function folder.
     Init(init::InitArgs),
+    /// Manage API keys for `auth = "api_key"` routes.
+    Keys {
+        #[command(subcommand)]
+        cmd: keys::KeysCmd,
+    },
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
 }
@@ -186,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Usage(args) => usage::usage(&g, &args),
         Command::Logs(args) => usage::logs(&g, &args),
         Command::Init(args) => init::run(&args),
+        Command::Keys { cmd } => keys::run(&g, &cmd),
         Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
     }
 }

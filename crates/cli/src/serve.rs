@@ -148,7 +148,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let maintainer = worker.spawn_maintainer();
     let invoker: Arc<dyn Invoker> = worker.clone();
 
-    let routes_rx = spawn_route_feed(Arc::clone(&store)).await?;
+    let routes_rx = spawn_feed(Arc::clone(&store), "routes", build_routes).await?;
+    let keys_rx = spawn_feed(Arc::clone(&store), "api keys", build_keys).await?;
 
     let control = nimbus_control::router(Arc::new(nimbus_control::ControlState {
         store: Arc::clone(&store),
@@ -163,6 +164,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         routes: routes_rx,
         invoker: Arc::clone(&invoker),
         max_body: nimbus_core::MAX_PAYLOAD_BYTES,
+        keys: keys_rx,
+        limiters: Arc::default(),
     });
     let app = control
         .route("/health", axum::routing::get(|| async { "ok\n" }))
@@ -223,14 +226,13 @@ async fn shutdown_signal() {
     }
 }
 
-/// Turns the store's change counter into route-table snapshots for the gateway.
-async fn spawn_route_feed(
+/// Turns the store's change counter into snapshots for the gateway (route table, live
+/// API keys): built once now, rebuilt after every change, swapped in whole.
+async fn spawn_feed<T: Send + Sync + 'static>(
     store: Arc<nimbus_store::Store>,
-) -> anyhow::Result<watch::Receiver<Arc<RouteTable>>> {
-    let build = |store: &nimbus_store::Store| -> anyhow::Result<RouteTable> {
-        let routes = store.routes().context("load routes")?;
-        RouteTable::build(routes).context("build route table")
-    };
+    what: &'static str,
+    build: fn(&nimbus_store::Store) -> anyhow::Result<T>,
+) -> anyhow::Result<watch::Receiver<Arc<T>>> {
     let initial = build(&store)?;
     let (tx, rx) = watch::channel(Arc::new(initial));
     let mut changes = store.subscribe();
@@ -238,17 +240,28 @@ async fn spawn_route_feed(
         while changes.changed().await.is_ok() {
             let s = Arc::clone(&store);
             match tokio::task::spawn_blocking(move || build(&s)).await {
-                Ok(Ok(table)) => {
-                    let _ = tx.send(Arc::new(table));
+                Ok(Ok(snapshot)) => {
+                    let _ = tx.send(Arc::new(snapshot));
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "route table rebuild failed")
+                    tracing::error!(what, error = %format!("{e:#}"), "snapshot rebuild failed")
                 }
-                Err(e) => tracing::error!(error = %e, "route table rebuild panicked"),
+                Err(e) => tracing::error!(what, error = %e, "snapshot rebuild panicked"),
             }
         }
     });
     Ok(rx)
+}
+
+fn build_routes(store: &nimbus_store::Store) -> anyhow::Result<RouteTable> {
+    let routes = store.routes().context("load routes")?;
+    RouteTable::build(routes).context("build route table")
+}
+
+fn build_keys(store: &nimbus_store::Store) -> anyhow::Result<nimbus_core::keys::KeySet> {
+    Ok(nimbus_core::keys::KeySet::new(
+        store.live_keys().context("load API keys")?,
+    ))
 }
 
 /// The admin token: made once, kept in the data dir readable by its owner only.

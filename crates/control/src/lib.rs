@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod keys;
 mod metering;
 mod scaling;
 
@@ -74,6 +75,8 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/scale", post(scaling::scale))
         .route("/v1/instances", get(scaling::list_instances))
         .route("/v1/routes", get(list_routes))
+        .route("/v1/keys", get(keys::list).post(keys::create))
+        .route("/v1/keys/{name}", axum::routing::delete(keys::revoke))
         .route("/v1/usage", get(metering::usage))
         .route("/v1/usage/recommendations", get(metering::recommendations))
         .route("/v1/functions/{name}/logs", get(metering::logs))

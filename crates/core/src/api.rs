@@ -221,3 +221,41 @@ mod tests {
         assert_eq!(r.logs.as_deref(), Some("log"));
     }
 }
+
+/// An API key as the control API shows it: never its secret, which only
+/// [`CreatedKey`] carries, once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<crate::keys::Rate>,
+    pub created_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// `POST /v1/keys`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// `50/s`, `600/m`, `10/s:20` (burst 20).
+    #[serde(default)]
+    pub rate: Option<String>,
+    /// Lifetime, e.g. `30d`, `12h`.
+    #[serde(default)]
+    pub expires_in: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedKey {
+    /// The key itself: shown this once, stored only as a hash.
+    pub key: String,
+    #[serde(flatten)]
+    pub info: ApiKeyInfo,
+}

@@ -2,7 +2,8 @@
 //!
 //! Owns: the function manifest (`nimbus.toml`) and its validation, the validated
 //! [`FunctionConfig`], route paths and the route table, the invocation types and the
-//! [`Invoker`] trait that layer-2 crates meet through, and the JSON types of the
+//! [`Invoker`] trait that layer-2 crates meet through, API keys (format, hashing,
+//! scopes, rates), and the JSON types of the
 //! control API (so the CLI and the server cannot drift apart).
 //!
 //! Must not touch: the network, the disk, processes or clocks beyond `SystemTime::now`.
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod duration;
 pub mod invoke;
+pub mod keys;
 pub mod manifest;
 pub mod routes;
 

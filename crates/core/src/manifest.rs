@@ -440,11 +440,11 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                 ));
             }
         };
-        if auth != AuthKind::None {
+        if matches!(auth, AuthKind::Jwt | AuthKind::Mtls) {
             return Err(err(
                 &field("auth"),
                 format!(
-                    "`{}` routes are not available yet in this build; use auth = \"none\"",
+                    "`{}` routes are not available yet in this build; use auth = \"none\" or \"api_key\"",
                     serde_json::to_value(auth)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))

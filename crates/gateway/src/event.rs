@@ -22,6 +22,10 @@ pub struct EventInput<'a> {
     pub body: &'a [u8],
     pub source_ip: &'a str,
     pub protocol: &'a str,
+    /// The gateway checked the caller's credentials: keep them from the function.
+    pub strip_credentials: bool,
+    /// `requestContext.authorizer`, when the route authenticated its caller.
+    pub authorizer: Option<Value>,
 }
 
 /// Builds the event exactly as API Gateway would: lower-case headers with duplicates
@@ -43,7 +47,7 @@ pub fn build_event(i: &EventInput<'_>) -> Value {
             );
             continue;
         }
-        if is_hop_header(name) {
+        if is_hop_header(name) || (i.strip_credentials && crate::auth::is_credential_header(name)) {
             continue;
         }
         headers
@@ -119,6 +123,9 @@ pub fn build_event(i: &EventInput<'_>) -> Value {
             "timeEpoch": now.timestamp_millis(),
         }),
     );
+    if let (Some(a), Some(Value::Object(rc))) = (&i.authorizer, ev.get_mut("requestContext")) {
+        rc.insert("authorizer".into(), a.clone());
+    }
     if !i.body.is_empty() {
         ev.insert("body".into(), json!(body));
     }
@@ -253,6 +260,8 @@ mod tests {
             body,
             source_ip: "127.0.0.1",
             protocol: "HTTP/1.1",
+            strip_credentials: false,
+            authorizer: None,
         }
     }
 

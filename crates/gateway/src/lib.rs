@@ -9,6 +9,7 @@
 //! feed, and functions only through `Arc<dyn Invoker>`.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod event;
 
 use std::net::SocketAddr;
@@ -21,10 +22,12 @@ use axum::response::Response;
 use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use nimbus_core::api::ErrorBody;
+use nimbus_core::keys::KeySet;
 use nimbus_core::routes::RouteTable;
-use nimbus_core::{InvokeError, InvokeRequest, InvokeStatus, Invoker, Target, Trigger};
+use nimbus_core::{AuthKind, InvokeError, InvokeRequest, InvokeStatus, Invoker, Target, Trigger};
 use tokio::sync::watch;
 
+pub use auth::KeyLimiters;
 pub use event::{EventInput, build_event, map_result};
 
 #[derive(Clone)]
@@ -32,6 +35,9 @@ pub struct GatewayState {
     pub routes: watch::Receiver<Arc<RouteTable>>,
     pub invoker: Arc<dyn Invoker>,
     pub max_body: usize,
+    /// Live API keys, rebuilt by `cli::serve` on every store change.
+    pub keys: watch::Receiver<Arc<KeySet>>,
+    pub limiters: Arc<KeyLimiters>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -71,6 +77,34 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
             &format!("no route matches {method} {raw_path}"),
         );
     };
+    // Credentials before the body: a refused caller never gets to upload anything.
+    let caller = match found.entry.auth {
+        AuthKind::None => None,
+        AuthKind::ApiKey => {
+            let keys = st.keys.borrow().clone();
+            match auth::check_api_key(
+                &keys,
+                &st.limiters,
+                &parts.headers,
+                &found.entry.function,
+                now_ms(),
+            ) {
+                Ok(c) => Some(c),
+                Err(resp) => return *resp,
+            }
+        }
+        // Refused at deploy until they exist; refuse here too, whatever is stored.
+        AuthKind::Jwt | AuthKind::Mtls => {
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this route's authentication is not available",
+            );
+        }
+    };
+    let authorizer = caller
+        .as_ref()
+        .map(|c| serde_json::json!({"apiKey": {"id": c.key_id, "name": c.key_name}}));
     let body = match read_limited(body, st.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -91,6 +125,8 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
         body: &body,
         source_ip: &source_ip,
         protocol: version_str(parts.version),
+        strip_credentials: caller.is_some(),
+        authorizer,
     });
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => p,
@@ -145,6 +181,9 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
     if let Ok(v) = HeaderValue::from_str(&outcome.version.to_string()) {
         h.insert("x-nimbus-version", v);
     }
+    for (name, value) in caller.map(|c| c.rate_headers).unwrap_or_default() {
+        h.insert(name, value);
+    }
     resp
 }
 
@@ -198,6 +237,12 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
             "could not read the request body",
         )),
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn version_str(v: http::Version) -> &'static str {

@@ -37,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod keys;
 pub mod metering;
 mod migrations;
 

@@ -117,6 +117,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         DELETE FROM invocation_logs WHERE request_id = old.request_id;
     END;
     "#,
+    // 5: API keys for the gateway. Only the SHA-256 of a key is kept; `id` is the
+    // public part of the key text and finds the row. Revoked keys stay, so `keys ls`
+    // can show when and so a name is never silently reused for another secret.
+    r#"
+    CREATE TABLE api_keys (
+        id             TEXT PRIMARY KEY NOT NULL,
+        name           TEXT NOT NULL UNIQUE,
+        key_sha256     BLOB NOT NULL CHECK (length(key_sha256) = 32),
+        scopes         TEXT NOT NULL,
+        rate           TEXT,
+        created_at_ms  INTEGER NOT NULL,
+        expires_at_ms  INTEGER,
+        revoked_at_ms  INTEGER
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.

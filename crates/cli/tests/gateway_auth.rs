@@ -1,0 +1,201 @@
+//! API-key routes end to end: keys made with the CLI, presented over HTTP to the real
+//! gateway; missing, malformed, forged, unscoped, expired and revoked keys; the rate
+//! limit and its recovery; credentials kept from the function.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn create_key(s: &Server, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["keys", "create", name];
+    args.extend_from_slice(extra);
+    let v = s.json(&args);
+    let key = v["key"].as_str().expect("key in answer").to_string();
+    assert!(key.starts_with("nmb_"), "{v}");
+    key
+}
+
+fn get(s: &Server, path: &str, key: Option<(&str, &str)>) -> reqwest::blocking::Response {
+    let mut r = s.http().get(s.url(path));
+    if let Some((h, v)) = key {
+        r = r.header(h, v);
+    }
+    r.send().expect("request")
+}
+
+fn error_code(r: reqwest::blocking::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let body: Value = r.json().expect("JSON error body");
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn api_key_routes_admit_only_live_scoped_keys() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("keyed-py").to_str().expect("path")]);
+    let key = create_key(&s, "ci", &["--scope", "invoke:keyed"]);
+    let other = create_key(&s, "elsewhere", &["--scope", "invoke:hello"]);
+
+    // The open route of the same function needs nothing.
+    assert_eq!(get(&s, "/open", None).status(), 200);
+
+    // No key, junk, a forged key with a real id, a key for another function.
+    let r = get(&s, "/keyed/a", None);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"nimbus\"");
+    assert_eq!(error_code(r), (401, "unauthorized".into()));
+    assert_eq!(
+        error_code(get(&s, "/keyed/a", Some(("x-api-key", "nope")))).0,
+        401
+    );
+    let forged = format!("{}{}", &key[..key.len() - 4], "0000");
+    assert_eq!(
+        error_code(get(&s, "/keyed/a", Some(("x-api-key", &forged)))).0,
+        401
+    );
+    assert_eq!(
+        error_code(get(&s, "/keyed/a", Some(("x-api-key", &other)))),
+        (403, "forbidden".into())
+    );
+
+    // The right key, either way; the function sees who called, not the secret.
+    for (h, v) in [
+        ("x-api-key", key.clone()),
+        ("authorization", format!("Bearer {key}")),
+    ] {
+        let r = get(&s, "/keyed/a", Some((h, &v)));
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().expect("json");
+        assert_eq!(body["authorizer"]["apiKey"]["name"], "ci", "{body}");
+        assert_eq!(body["sawCredentials"], serde_json::json!([]), "{body}");
+    }
+
+    // Listing never shows a secret.
+    let listed = s.ok(&["keys", "ls", "-o", "json"]);
+    assert!(!listed.contains(&key[20..]), "{listed}");
+    assert!(listed.contains("\"ci\""));
+
+    // Revocation takes effect within a second.
+    s.ok(&["keys", "revoke", "ci"]);
+    let revoked_at = Instant::now();
+    loop {
+        let status = get(&s, "/keyed/a", Some(("x-api-key", &key)))
+            .status()
+            .as_u16();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still {status} after 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let listed = s.json(&["keys", "ls"]);
+    assert!(listed[0]["revoked_at_ms"].is_i64() || listed[1]["revoked_at_ms"].is_i64());
+}
+
+#[test]
+fn expired_keys_are_refused() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("keyed-py").to_str().expect("path")]);
+    let key = create_key(&s, "short", &["--scope", "invoke:*", "--expires", "1500ms"]);
+    assert_eq!(get(&s, "/keyed/x", Some(("x-api-key", &key))).status(), 200);
+    std::thread::sleep(Duration::from_millis(1700));
+    assert_eq!(
+        error_code(get(&s, "/keyed/x", Some(("x-api-key", &key)))).0,
+        401
+    );
+}
+
+#[test]
+fn rate_limited_keys_get_429_then_recover() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("keyed-py").to_str().expect("path")]);
+    // 2 per second, burst 3.
+    let key = create_key(&s, "slow", &["--scope", "invoke:keyed", "--rate", "2/s:3"]);
+    let unlimited = create_key(&s, "fast", &["--scope", "invoke:keyed"]);
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..6 {
+        let r = get(&s, "/keyed/r", Some(("x-api-key", &key)));
+        if r.status() == 429 {
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap_or("").to_string());
+            assert_eq!(r.headers()["ratelimit-remaining"], "0");
+        } else {
+            assert!(r.headers().contains_key("ratelimit-remaining"));
+        }
+        statuses.push(r.status().as_u16());
+    }
+    // The burst passes; what follows at once is refused (a little refill may slip in).
+    assert_eq!(&statuses[..3], &[200, 200, 200], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Another key is not affected.
+    assert_eq!(
+        get(&s, "/keyed/r", Some(("x-api-key", &unlimited))).status(),
+        200
+    );
+    // And the limited key recovers after the refill.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(get(&s, "/keyed/r", Some(("x-api-key", &key))).status(), 200);
+}
+
+#[test]
+fn bad_key_requests_get_clear_errors() {
+    let s = Server::start();
+    for (args, want) in [
+        (vec!["keys", "create", "x", "--scope", "root"], "scopes"),
+        (
+            vec![
+                "keys", "create", "x", "--scope", "invoke:a", "--rate", "fast",
+            ],
+            "rate",
+        ),
+        (
+            vec![
+                "keys",
+                "create",
+                "x",
+                "--scope",
+                "invoke:a",
+                "--expires",
+                "soon",
+            ],
+            "expires_in",
+        ),
+        (
+            vec!["keys", "create", "Bad Name", "--scope", "invoke:a"],
+            "name",
+        ),
+        (vec!["keys", "revoke", "nobody"], "not found"),
+    ] {
+        let o = s.cli(&args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = stderr_of(&o);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    create_key(&s, "dup", &["--scope", "invoke:a"]);
+    let o = s.cli(&["keys", "create", "dup", "--scope", "invoke:a"]);
+    assert!(
+        stderr_of(&o).contains("already exists"),
+        "{}",
+        stderr_of(&o)
+    );
+    // The API answers in the JSON error shape.
+    let r = s
+        .admin(reqwest::Method::POST, "/v1/keys")
+        .body("{")
+        .send()
+        .expect("post");
+    assert_eq!(error_code(r).0, 400);
+}
