@@ -14,6 +14,7 @@ mod build;
 mod client;
 mod init;
 mod keys;
+mod listen;
 mod meter;
 mod scale;
 mod serve;

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +56,8 @@ pub struct ServeArgs {
     pub log_format: String,
     #[command(flatten)]
     pub metering: crate::meter::MeteringArgs,
+    #[command(flatten)]
+    pub limits: crate::listen::LimitsArgs,
 }
 
 pub fn run(args: ServeArgs, g: &Global) -> anyhow::Result<ExitCode> {
@@ -195,13 +196,9 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         });
     }
 
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serve HTTP")?;
+    crate::listen::serve(listener, app, &args.limits, shutdown_signal())
+        .await
+        .context("serve HTTP")?;
 
     tracing::info!("draining done; stopping instances");
     worker.shutdown().await;

@@ -1,0 +1,126 @@
+//! The listener's limits over raw sockets: slow and silent clients are cut off at the
+//! header deadline while others are served, oversized heads are refused, and a request
+//! with both Content-Length and Transfer-Encoding cannot smuggle a second one.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn connect(s: &Server) -> TcpStream {
+    let c = TcpStream::connect(&s.addr).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c
+}
+
+/// Reads until the server closes; returns what it sent and how long that took.
+fn read_to_close(mut c: TcpStream) -> (String, Duration) {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("server kept the connection open: {e}"),
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn slowloris_and_silent_clients_are_cut_off_at_the_header_deadline() {
+    let s = Server::start_args(&["--header-timeout", "1s"]);
+    // A slow client: part of a head, then one byte now and then.
+    let mut slow = connect(&s);
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    let trickle = {
+        let mut c = slow.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            for _ in 0..30 {
+                if c.write_all(b"X").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let silent = connect(&s);
+    // A client that made one request and then idles on the kept-alive connection.
+    let mut idle = connect(&s);
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    // Meanwhile a normal client is served at once.
+    let started = Instant::now();
+    assert_eq!(
+        s.http().get(s.url("/health")).send().expect("get").status(),
+        200
+    );
+    assert!(started.elapsed() < Duration::from_millis(900));
+    let (_, slow_took) = read_to_close(slow);
+    assert!(
+        slow_took < Duration::from_secs(3),
+        "slow client held on for {slow_took:?}"
+    );
+    let (_, silent_took) = read_to_close(silent);
+    assert!(
+        silent_took < Duration::from_secs(3),
+        "silent client held on for {silent_took:?}"
+    );
+    let (answer, idle_took) = read_to_close(idle);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        idle_took < Duration::from_secs(3),
+        "idle client held on for {idle_took:?}"
+    );
+    let _ = trickle.join();
+}
+
+#[test]
+fn oversized_heads_and_smuggling_shapes_are_refused() {
+    let s = Server::start_args(&["--max-header-bytes", "16384"]);
+    let mut c = connect(&s);
+    let big = "a".repeat(40 * 1024);
+    let req = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let _ = c.write_all(req.as_bytes());
+    let (answer, _) = read_to_close(c);
+    assert!(
+        answer.starts_with("HTTP/1.1 431")
+            || answer.starts_with("HTTP/1.1 400")
+            || answer.is_empty(),
+        "{answer}"
+    );
+
+    // Content-Length and Transfer-Encoding together: the chunked framing wins and the
+    // connection closes after the answer, so a request hidden behind the body (as a
+    // front proxy going by Content-Length would see it) is never served.
+    let mut c = connect(&s);
+    c.write_all(
+        b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/functions HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .expect("write");
+    let (answer, _) = read_to_close(c);
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        !answer.contains("unauthorized"),
+        "the smuggled request was served: {answer}"
+    );
+
+    // The server is still fine.
+    assert_eq!(
+        s.http().get(s.url("/health")).send().expect("get").status(),
+        200
+    );
+}
