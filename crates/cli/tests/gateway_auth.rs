@@ -199,3 +199,149 @@ fn bad_key_requests_get_clear_errors() {
         .expect("post");
     assert_eq!(error_code(r).0, 400);
 }
+
+fn request(
+    s: &Server,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::blocking::Response {
+    let mut r = s.http().request(method, s.url(path));
+    for (h, v) in headers {
+        r = r.header(*h, *v);
+    }
+    r.send().expect("request")
+}
+
+#[test]
+fn cors_preflights_are_answered_by_the_gateway_and_answers_carry_the_rules() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("cors-py").to_str().expect("path")]);
+    let key = create_key(&s, "web", &["--scope", "invoke:corsy"]);
+    let app = "https://app.example.com";
+
+    // The preflight needs no key (browsers send none) and never reaches the function.
+    let r = request(
+        &s,
+        reqwest::Method::OPTIONS,
+        "/app/items",
+        &[
+            ("origin", app),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type, x-api-key"),
+        ],
+    );
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], app);
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-allow-methods"], "GET, POST");
+    assert_eq!(h["access-control-allow-headers"], "content-type, x-api-key");
+    assert_eq!(h["access-control-max-age"], "600");
+
+    // Another origin, a method or header outside the rules: refused.
+    for (origin, method, hdrs) in [
+        ("https://evil.example.com", "POST", "content-type"),
+        (app, "DELETE", "content-type"),
+        (app, "POST", "x-secret"),
+    ] {
+        let r = request(
+            &s,
+            reqwest::Method::OPTIONS,
+            "/app/items",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", method),
+                ("access-control-request-headers", hdrs),
+            ],
+        );
+        assert_eq!(r.status(), 403, "{origin} {method} {hdrs}");
+        assert!(!r.headers().contains_key("access-control-allow-origin"));
+    }
+
+    // The real request: allowed origin gets the headers, also on a 401.
+    let r = request(
+        &s,
+        reqwest::Method::POST,
+        "/app/items",
+        &[("origin", app), ("x-api-key", &key)],
+    );
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], app);
+    assert_eq!(
+        r.headers()["access-control-expose-headers"],
+        "x-nimbus-request-id"
+    );
+    let r = request(&s, reqwest::Method::GET, "/app/items", &[("origin", app)]);
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["access-control-allow-origin"], app);
+    let r = request(
+        &s,
+        reqwest::Method::GET,
+        "/app/items",
+        &[("origin", "https://evil.example.com"), ("x-api-key", &key)],
+    );
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+}
+
+#[test]
+fn route_and_per_client_rate_limits_answer_429() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("cors-py").to_str().expect("path")]);
+    let statuses = |path: &str, n: usize| -> Vec<u16> {
+        (0..n)
+            .map(|_| get(&s, path, None).status().as_u16())
+            .collect()
+    };
+    assert_eq!(statuses("/per-ip", 3), vec![200, 200, 429]);
+    assert_eq!(statuses("/per-route", 2), vec![200, 429]);
+    let r = get(&s, "/per-route", None);
+    let retry = r.headers()["retry-after"]
+        .to_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        retry.parse::<u64>().is_ok_and(|s| (1..=60).contains(&s)),
+        "{retry}"
+    );
+    assert_eq!(error_code(r), (429, "rate_limited".into()));
+    // A redeploy (a store change) does not refill the buckets.
+    s.ok(&["keys", "create", "touch", "--scope", "invoke:corsy"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(statuses("/per-route", 1), vec![429]);
+}
+
+#[test]
+fn bad_route_options_are_refused_at_deploy_naming_the_field() {
+    let s = Server::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (route_extra, field) in [
+        (
+            r#"cors = { origins = ["*"], credentials = true }"#,
+            "cors.credentials",
+        ),
+        (
+            r#"cors = { origins = ["app.example.com"] }"#,
+            "cors.origins",
+        ),
+        (r#"cors = { origins = ["*"], colour = "red" }"#, "colour"),
+        (r#"rate = "lots""#, "rate"),
+        (r#"rate_per_ip = "0/s""#, "rate_per_ip"),
+    ] {
+        let dir = tmp.path().join(field.replace('.', "-"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("main.py"), "def handler(e, c):\n    return 1\n").expect("write");
+        std::fs::write(
+            dir.join("nimbus.toml"),
+            format!("name = \"opt\"\nruntime = \"python3\"\nhandler = \"main.handler\"\n[[http]]\nmethod = \"GET\"\npath = \"/o\"\n{route_extra}\n"),
+        )
+        .expect("write");
+        let o = s.cli(&["deploy", dir.to_str().expect("path")]);
+        assert!(!o.status.success(), "{route_extra} deployed");
+        assert!(
+            stderr_of(&o).contains(field),
+            "{route_extra}: {}",
+            stderr_of(&o)
+        );
+    }
+}

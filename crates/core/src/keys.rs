@@ -108,15 +108,15 @@ pub fn allows(scopes: &[String], action: &str, resource: &str) -> bool {
     })
 }
 
-/// A token bucket: `per_second` sustained, `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// A token bucket: `requests` per `per` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rate {
     pub requests: u32,
     pub per: RatePeriod,
     pub burst: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RatePeriod {
     Second,

@@ -15,6 +15,7 @@ pub mod duration;
 pub mod invoke;
 pub mod keys;
 pub mod manifest;
+pub mod route_options;
 pub mod routes;
 
 pub use invoke::{

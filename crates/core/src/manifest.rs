@@ -123,6 +123,11 @@ pub struct RouteSpec {
     pub path: String,
     #[serde(default)]
     pub auth: AuthKind,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::route_options::RouteOptions::is_empty"
+    )]
+    pub options: crate::route_options::RouteOptions,
 }
 
 impl RouteSpec {
@@ -212,6 +217,9 @@ struct RawRoute {
     method: Option<String>,
     path: Option<String>,
     auth: Option<String>,
+    cors: Option<crate::route_options::RawCors>,
+    rate: Option<String>,
+    rate_per_ip: Option<String>,
 }
 
 const METHODS: &[&str] = &[
@@ -452,7 +460,26 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                 ),
             ));
         }
-        let spec = RouteSpec { method, path, auth };
+        let cors = r
+            .cors
+            .map(crate::route_options::parse_cors)
+            .transpose()
+            .map_err(|(f, m)| err(&field(&format!("cors.{f}")), m))?;
+        let rate =
+            crate::route_options::parse_route_rate(r.rate).map_err(|m| err(&field("rate"), m))?;
+        let rate_per_ip = crate::route_options::parse_route_rate(r.rate_per_ip)
+            .map_err(|m| err(&field("rate_per_ip"), m))?;
+        let options = crate::route_options::RouteOptions {
+            cors,
+            rate,
+            rate_per_ip,
+        };
+        let spec = RouteSpec {
+            method,
+            path,
+            auth,
+            options,
+        };
         if let Some(prev) = routes
             .iter()
             .find(|p| p.method == spec.method && crate::routes::same_shape(&p.path, &spec.path))

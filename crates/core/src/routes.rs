@@ -116,6 +116,11 @@ pub struct RouteEntry {
     pub alias: String,
     #[serde(default)]
     pub auth: crate::AuthKind,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::route_options::RouteOptions::is_empty"
+    )]
+    pub options: crate::route_options::RouteOptions,
 }
 
 impl RouteEntry {
@@ -262,6 +267,7 @@ mod tests {
             function: function.into(),
             alias: "live".into(),
             auth: crate::AuthKind::None,
+            options: Default::default(),
         }
     }
 

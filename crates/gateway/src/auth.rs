@@ -6,58 +6,22 @@
 //! token bucket. Every refusal is the JSON error body with as little detail as
 //! possible: an unknown, forged, malformed or expired key all read "invalid API key".
 
-use std::collections::HashMap;
-use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
-
 use axum::response::Response;
-use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use nimbus_core::keys::{self, KeyRefusal, KeySet, Rate};
+use nimbus_core::keys::{self, KeyRefusal, KeySet};
 
 use crate::error_response;
+use crate::limits::{Buckets, RateHeaders};
 
-type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
-
-/// Token buckets per key id. They outlive key-set snapshots (a snapshot is rebuilt on
-/// every store change, a bucket must not refill because someone deployed), and are
-/// replaced only when the key's rate changes.
-#[derive(Default)]
-pub struct KeyLimiters {
-    buckets: Mutex<HashMap<String, (Rate, Arc<Limiter>)>>,
-}
-
-impl KeyLimiters {
-    fn get(&self, id: &str, rate: Rate) -> Arc<Limiter> {
-        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((r, l)) = map.get(id)
-            && *r == rate
-        {
-            return Arc::clone(l);
-        }
-        let l = Arc::new(RateLimiter::direct(quota(rate)).with_middleware());
-        map.insert(id.to_string(), (rate, Arc::clone(&l)));
-        l
-    }
-}
-
-fn quota(rate: Rate) -> Quota {
-    let one = NonZeroU32::MIN;
-    let per_cell = rate.per.duration() / rate.requests.max(1);
-    Quota::with_period(per_cell)
-        .unwrap_or_else(|| Quota::per_second(one))
-        .allow_burst(NonZeroU32::new(rate.burst).unwrap_or(one))
-}
+/// Per-key token buckets.
+pub type KeyLimiters = Buckets;
 
 /// The caller a route let through: what the function learns about it.
 pub struct Caller {
     pub key_id: String,
     pub key_name: String,
     /// `RateLimit-*` headers for the response, when the key is rate limited.
-    pub rate_headers: Vec<(&'static str, HeaderValue)>,
+    pub rate_headers: RateHeaders,
 }
 
 /// The key presented on a request, if any.
@@ -110,35 +74,10 @@ pub fn check_api_key(
             "this API key may not call this route",
         )));
     }
-    let mut rate_headers = Vec::new();
-    if let Some(rate) = entry.rate {
-        let limiter = limiters.get(&entry.id, rate);
-        let limit = HeaderValue::from(rate.burst);
-        match limiter.check() {
-            Ok(snapshot) => {
-                rate_headers.push(("ratelimit-limit", limit));
-                rate_headers.push((
-                    "ratelimit-remaining",
-                    HeaderValue::from(snapshot.remaining_burst_capacity()),
-                ));
-            }
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                let mut r = error_response(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    "rate limit exceeded for this API key",
-                );
-                let h = r.headers_mut();
-                h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                h.insert("ratelimit-limit", limit);
-                h.insert("ratelimit-remaining", HeaderValue::from(0u32));
-                h.insert("ratelimit-reset", HeaderValue::from(secs.max(1)));
-                return Err(Box::new(r));
-            }
-        }
-    }
+    let rate_headers = match entry.rate {
+        Some(rate) => limiters.take(&format!("key:{}", entry.id), rate, "API key")?,
+        None => Vec::new(),
+    };
     Ok(Caller {
         key_id: entry.id.clone(),
         key_name: entry.name.clone(),

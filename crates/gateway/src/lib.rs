@@ -10,7 +10,9 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod cors;
 mod event;
+mod limits;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use tokio::sync::watch;
 
 pub use auth::KeyLimiters;
 pub use event::{EventInput, build_event, map_result};
+pub use limits::Buckets;
 
 #[derive(Clone)]
 pub struct GatewayState {
@@ -37,7 +40,8 @@ pub struct GatewayState {
     pub max_body: usize,
     /// Live API keys, rebuilt by `cli::serve` on every store change.
     pub keys: watch::Receiver<Arc<KeySet>>,
-    pub limiters: Arc<KeyLimiters>,
+    /// Token buckets of keys, routes and client addresses.
+    pub limiters: Arc<Buckets>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -70,6 +74,14 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
     let method = parts.method.as_str().to_string();
     let raw_path = parts.uri.path().to_string();
     let table = st.routes.borrow().clone();
+    // A preflight asks about the route of the method it names; the gateway answers it
+    // when that route has CORS rules (otherwise OPTIONS is routed like any method).
+    if let Some(wanted) = cors::preflight_method(&method, &parts.headers)
+        && let Some(found) = table.lookup(&wanted, &raw_path)
+        && let Some(rules) = &found.entry.options.cors
+    {
+        return cors::preflight(rules, &parts.headers, &wanted);
+    }
     let Some(found) = table.lookup(&method, &raw_path) else {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -77,6 +89,56 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
             &format!("no route matches {method} {raw_path}"),
         );
     };
+    let allow = found
+        .entry
+        .options
+        .cors
+        .as_ref()
+        .map(|c| cors::allow_headers(c, &parts.headers))
+        .unwrap_or_default();
+    let mut resp = serve_route(st, &found, parts, body, request_id, &method, &raw_path).await;
+    let h = resp.headers_mut();
+    for (n, v) in allow {
+        h.insert(n, v);
+    }
+    resp
+}
+
+async fn serve_route(
+    st: &GatewayState,
+    found: &nimbus_core::routes::RouteMatch<'_>,
+    parts: http::request::Parts,
+    body: Body,
+    request_id: &str,
+    method: &str,
+    raw_path: &str,
+) -> Response {
+    let source_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    // Per client first: it bounds what one address can spend on guessing keys.
+    let route_key = found.entry.route_key();
+    let mut rate_headers = Vec::new();
+    if let Some(rate) = found.entry.options.rate_per_ip {
+        match st
+            .limiters
+            .take(&format!("ip:{route_key}:{source_ip}"), rate, "client")
+        {
+            Ok(h) => rate_headers = h,
+            Err(r) => return *r,
+        }
+    }
+    if let Some(rate) = found.entry.options.rate {
+        match st
+            .limiters
+            .take(&format!("route:{route_key}"), rate, "route")
+        {
+            Ok(h) => rate_headers = h,
+            Err(r) => return *r,
+        }
+    }
     // Credentials before the body: a refused caller never gets to upload anything.
     let caller = match found.entry.auth {
         AuthKind::None => None,
@@ -109,16 +171,11 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let source_ip = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "127.0.0.1".into());
     let event = build_event(&EventInput {
         request_id,
-        route_key: &found.entry.route_key(),
-        method: &method,
-        raw_path: &raw_path,
+        route_key: &route_key,
+        method,
+        raw_path,
         raw_query: parts.uri.query().unwrap_or(""),
         headers: &parts.headers,
         path_params: &found.params,
@@ -181,7 +238,14 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
     if let Ok(v) = HeaderValue::from_str(&outcome.version.to_string()) {
         h.insert("x-nimbus-version", v);
     }
-    for (name, value) in caller.map(|c| c.rate_headers).unwrap_or_default() {
+    // The tightest limit the request passed last: the key's, else the route's.
+    let key_headers = caller.map(|c| c.rate_headers).unwrap_or_default();
+    let shown = if key_headers.is_empty() {
+        rate_headers
+    } else {
+        key_headers
+    };
+    for (name, value) in shown {
         h.insert(name, value);
     }
     resp

@@ -281,6 +281,7 @@ impl Store {
                     function: name.to_string(),
                     alias: LIVE_ALIAS.to_string(),
                     auth: r.auth,
+                    options: r.options.clone(),
                 })
                 .collect();
             // Existing routes first, so a conflict names the new route as the offender.
@@ -861,8 +862,8 @@ fn insert_route(
     now: &str,
 ) -> Result<()> {
     tx.execute(
-        "INSERT INTO routes (method, path, function, alias, auth, source, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO routes (method, path, function, alias, auth, source, created_at, options)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             route.method,
             route.path,
@@ -870,7 +871,8 @@ fn insert_route(
             route.alias,
             auth_to_str(route.auth)?,
             source.as_str(),
-            now
+            now,
+            serde_json::to_string(&route.options).map_err(Error::EncodeConfig)?
         ],
     )?;
     Ok(())
@@ -882,7 +884,7 @@ fn routes_tx<P: rusqlite::Params>(
     params: P,
 ) -> Result<Vec<RouteEntry>> {
     let sql = format!(
-        "SELECT method, path, function, alias, auth FROM routes {filter} ORDER BY path, method"
+        "SELECT method, path, function, alias, auth, options FROM routes {filter} ORDER BY path, method"
     );
     let mut stmt = tx.prepare(&sql)?;
     let raws = stmt
@@ -894,13 +896,19 @@ fn routes_tx<P: rusqlite::Params>(
                     function: r.get(2)?,
                     alias: r.get(3)?,
                     auth: AuthKind::None,
+                    options: Default::default(),
                 },
                 r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     raws.into_iter()
-        .map(|(mut entry, auth)| {
+        .map(|(mut entry, auth, options)| {
+            entry.options = serde_json::from_str(&options).map_err(|source| Error::Corrupt {
+                what: format!("options of route `{}`", entry.route_key()),
+                source,
+            })?;
             entry.auth =
                 serde_json::from_value(serde_json::Value::String(auth)).map_err(|source| {
                     Error::Corrupt {

@@ -132,6 +132,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         revoked_at_ms  INTEGER
     ) STRICT;
     "#,
+    // 6: per-route options (CORS, rate limits) as JSON; '{}' is none.
+    r#"
+    ALTER TABLE routes ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
+    "#,
 ];
 
 /// The schema version this build writes.

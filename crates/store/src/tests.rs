@@ -301,6 +301,10 @@ fn redeploy_replaces_manifest_routes_but_keeps_api_routes() {
             function: "a".into(),
             alias: "live".into(),
             auth: AuthKind::ApiKey,
+            options: nimbus_core::route_options::RouteOptions {
+                rate: nimbus_core::keys::parse_rate("5/s").ok(),
+                ..Default::default()
+            },
         })
         .expect("add api route");
     f.store
@@ -310,6 +314,12 @@ fn redeploy_replaces_manifest_routes_but_keeps_api_routes() {
     let keys: Vec<String> = routes.iter().map(RouteEntry::route_key).collect();
     assert_eq!(keys, vec!["ANY /extra/{rest+}", "GET /three", "GET /two"]);
     assert_eq!(routes[0].auth, AuthKind::ApiKey);
+    assert_eq!(
+        routes[0].options.rate.map(|r| r.requests),
+        Some(5),
+        "options round-trip"
+    );
+    assert!(routes[1].options.is_empty());
     assert!(RouteTable::build(routes).is_ok());
 
     let err = f.store.remove_route("GET", "/two").expect_err("manifest");
@@ -338,6 +348,7 @@ fn add_route_checks_alias_and_conflicts() {
         function: "a".into(),
         alias: "beta".into(),
         auth: AuthKind::None,
+        options: Default::default(),
     };
     let err = f.store.add_route(&route).expect_err("no alias");
     assert_eq!(err.to_string(), "alias `beta` of `a` not found");
