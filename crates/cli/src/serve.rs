@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// Address for the control API and the gateway (port 0 picks a free port).
     #[arg(long, env = "NIMBUS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Serve the control API (/v1) and /metrics on this address only, so the public
+    /// listener carries functions alone (and /health).
+    #[arg(long, env = "NIMBUS_CONTROL_LISTEN")]
+    pub control_listen: Option<String>,
     /// Run functions without namespaces and cgroups. Unsafe: only for hosts that
     /// cannot isolate (no root), and only with trusted code.
     #[arg(long)]
@@ -168,22 +172,43 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         keys: keys_rx,
         limiters: Arc::default(),
     });
-    let app = control
-        .route("/health", axum::routing::get(|| async { "ok\n" }))
-        .merge(crate::meter::router(prometheus, Arc::clone(&recorder)))
-        .fallback_service(gateway);
+    let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
+    let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));
+    // One listener for everything, or the control API and metrics on their own.
+    let (public_app, control_app) = match &args.control_listen {
+        None => (health().merge(control).fallback_service(gateway), None),
+        Some(_) => (
+            health().fallback_service(gateway),
+            Some(health().merge(control)),
+        ),
+    };
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
     let addr = listener.local_addr().context("read listen address")?;
+    let control_listener = match &args.control_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listen on {a} (control API)"))?,
+        ),
+        None => None,
+    };
+    let control_addr = match &control_listener {
+        Some(l) => l.local_addr().context("read control listen address")?,
+        None => addr,
+    };
     println!("nimbus listening on http://{addr}");
+    if control_listener.is_some() {
+        println!("nimbus control API on http://{control_addr}");
+    }
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
+    tracing::info!(%addr, %control_addr, data_dir = %data_dir.display(), "serving");
 
     if !args.deploy.is_empty() {
         let mut g2 = g.clone();
-        g2.server = format!("http://{addr}");
+        g2.server = format!("http://{control_addr}");
         g2.token = Some(token.clone());
         let dirs = args.deploy.clone();
         tokio::task::spawn_blocking(move || {
@@ -196,9 +221,25 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         });
     }
 
-    crate::listen::serve(listener, app, &args.limits, shutdown_signal())
-        .await
-        .context("serve HTTP")?;
+    // One signal stops both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let public = crate::listen::serve(listener, public_app, &args.limits, stopped(stop_rx.clone()));
+    match (control_listener, control_app) {
+        (Some(l), Some(app)) => {
+            let ctl = crate::listen::serve(l, app, &args.limits, stopped(stop_rx));
+            let (a, b) = tokio::join!(public, ctl);
+            a.context("serve HTTP")?;
+            b.context("serve control API")?;
+        }
+        _ => public.await.context("serve HTTP")?,
+    }
 
     tracing::info!("draining done; stopping instances");
     worker.shutdown().await;

@@ -124,3 +124,52 @@ fn oversized_heads_and_smuggling_shapes_are_refused() {
         200
     );
 }
+
+#[test]
+fn the_control_api_can_live_on_its_own_listener() {
+    let s = Server::start_args(&["--control-listen", "127.0.0.1:0"]);
+    assert_ne!(s.control_addr.as_deref(), Some(s.addr.as_str()));
+    s.ok(&["deploy", example("python-hello").to_str().expect("path")]);
+    let http = s.http();
+    // Functions and /health on the public listener; nothing of the control API there.
+    assert_eq!(
+        http.get(s.url("/hello/ada")).send().expect("get").status(),
+        200
+    );
+    assert_eq!(
+        http.get(s.url("/health")).send().expect("get").status(),
+        200
+    );
+    let r = http
+        .get(s.url("/v1/functions"))
+        .bearer_auth(s.token())
+        .send()
+        .expect("get");
+    assert_eq!(r.status(), 404, "the admin API answered on the public port");
+    assert_eq!(
+        http.get(s.url("/metrics")).send().expect("get").status(),
+        404
+    );
+    // The control listener has the API and the metrics, and no functions.
+    assert_eq!(
+        s.admin(reqwest::Method::GET, "/v1/functions")
+            .send()
+            .expect("get")
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(s.control_url("/metrics"))
+            .send()
+            .expect("get")
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(s.control_url("/hello/ada"))
+            .send()
+            .expect("get")
+            .status(),
+        404
+    );
+}

@@ -32,6 +32,8 @@ pub fn fixture(name: &str) -> PathBuf {
 pub struct Server {
     pub child: Option<Child>,
     pub addr: String,
+    /// Where the control API listens, when `--control-listen` split it off.
+    pub control_addr: Option<String>,
     pub data: PathBuf,
     pub cgroup_parent: String,
     _tmp: Option<tempfile::TempDir>,
@@ -100,11 +102,18 @@ impl Server {
             .strip_prefix("nimbus listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line `{first}`"))
             .to_string();
+        let control_addr = extra.contains(&"--control-listen").then(|| {
+            let line = lines.next().and_then(Result::ok).unwrap_or_default();
+            line.strip_prefix("nimbus control API on http://")
+                .unwrap_or_else(|| panic!("unexpected second line `{line}`"))
+                .to_string()
+        });
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Server {
             child: Some(child),
             addr,
+            control_addr,
             data: data.to_path_buf(),
             cgroup_parent,
             _tmp: None,
@@ -114,6 +123,15 @@ impl Server {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A URL on the control API's listener (the same as `url` unless split off).
+    pub fn control_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{}",
+            self.control_addr.as_deref().unwrap_or(&self.addr),
+            path
+        )
     }
 
     pub fn token(&self) -> String {
@@ -131,7 +149,7 @@ impl Server {
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
-            .env("NIMBUS_SERVER", self.url(""))
+            .env("NIMBUS_SERVER", self.control_url(""))
             .env("NIMBUS_DATA_DIR", &self.data)
             .env("NIMBUS_CACHE_DIR", self.data.join("../cache"))
             .env_remove("NIMBUS_TOKEN")
@@ -179,7 +197,7 @@ impl Server {
 
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
         self.http()
-            .request(method, self.url(path))
+            .request(method, self.control_url(path))
             .bearer_auth(self.token())
     }
 
