@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Deploy these function folders once the server is up (repeatable).
     #[arg(long = "deploy", value_name = "DIR")]
     pub deploy: Vec<PathBuf>,
+    /// Log one `nimbus_access` line per gateway request (JSON with --log-format json).
+    #[arg(long, env = "NIMBUS_ACCESS_LOG")]
+    pub access_log: bool,
     /// Log format.
     #[arg(long, env = "NIMBUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -171,6 +174,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         max_body: nimbus_core::MAX_PAYLOAD_BYTES,
         keys: keys_rx,
         limiters: Arc::default(),
+        access_log: args.access_log,
     });
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));

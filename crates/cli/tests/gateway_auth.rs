@@ -345,3 +345,68 @@ fn bad_route_options_are_refused_at_deploy_naming_the_field() {
         );
     }
 }
+
+#[test]
+fn gateway_metrics_access_log_and_trace_context() {
+    let s = Server::start_args(&["--access-log", "--log-format", "json"]);
+    s.ok(&["deploy", fixture("cors-py").to_str().expect("path")]);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = get(&s, "/per-ip", Some(("traceparent", tp)));
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().expect("json");
+    assert_eq!(
+        body["trace"], tp,
+        "the caller's trace context reaches the function"
+    );
+    // Without one the gateway starts a trace.
+    let body: Value = get(&s, "/per-ip", None).json().expect("json");
+    let fresh = body["trace"].as_str().unwrap_or("");
+    assert!(
+        fresh.starts_with("00-") && fresh.len() == 55 && fresh != tp,
+        "{fresh}"
+    );
+    assert_eq!(get(&s, "/per-ip", None).status(), 429);
+    assert_eq!(get(&s, "/app/x", None).status(), 401);
+    assert_eq!(get(&s, "/nowhere", None).status(), 404);
+
+    let metrics = s
+        .http()
+        .get(s.url("/metrics"))
+        .send()
+        .expect("metrics")
+        .text()
+        .expect("text");
+    for want in [
+        r#"nimbus_gateway_requests_total{route="GET /per-ip",status="200"} 2"#,
+        r#"nimbus_gateway_requests_total{route="GET /per-ip",status="429"} 1"#,
+        r#"nimbus_gateway_requests_total{route="unmatched",status="404"} 1"#,
+        r#"nimbus_gateway_throttles_total{route="GET /per-ip",limit="client"} 1"#,
+        r#"nimbus_gateway_auth_failures_total{route="ANY /app/{proxy+}",status="401"} 1"#,
+        "nimbus_gateway_request_duration_seconds",
+    ] {
+        assert!(metrics.contains(want), "missing `{want}` in:\n{metrics}");
+    }
+    // One JSON access line per request, with the route and status.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = s.stderr();
+        let lines: Vec<Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "nimbus_access")
+            .collect();
+        if lines.len() >= 5 {
+            let throttled = lines
+                .iter()
+                .find(|v| v["fields"]["status"] == 429)
+                .expect("429 line");
+            assert_eq!(throttled["fields"]["route"], "GET /per-ip", "{throttled}");
+            assert_eq!(throttled["fields"]["path"], "/per-ip");
+            assert!(lines.iter().all(|v| v["fields"]["request_id"].is_string()));
+            assert!(!log.contains("nmb_"), "no key in the logs");
+            break;
+        }
+        assert!(Instant::now() < deadline, "access lines: {lines:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

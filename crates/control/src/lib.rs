@@ -471,6 +471,7 @@ async fn invoke(
     let outcome = st
         .invoker
         .invoke(InvokeRequest {
+            trace: None,
             request_id: nimbus_core::new_request_id(),
             function: name,
             target,

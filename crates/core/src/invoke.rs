@@ -39,6 +39,8 @@ pub struct InvokeRequest {
     pub trigger: Trigger,
     /// The event, as JSON bytes.
     pub payload: Bytes,
+    /// W3C `traceparent` of the call, handed to the function (`traceId` in its frame).
+    pub trace: Option<String>,
 }
 
 /// An error the handler raised, in Lambda's shape.

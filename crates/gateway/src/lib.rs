@@ -13,6 +13,7 @@ mod auth;
 mod cors;
 mod event;
 mod limits;
+mod observe;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct GatewayState {
     pub keys: watch::Receiver<Arc<KeySet>>,
     /// Token buckets of keys, routes and client addresses.
     pub limiters: Arc<Buckets>,
+    /// One `nimbus_access` log line per request.
+    pub access_log: bool,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -61,15 +64,50 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 }
 
 async fn handle(State(st): State<GatewayState>, req: Request) -> Response {
+    let started = std::time::Instant::now();
     let request_id = nimbus_core::new_request_id();
-    let mut resp = dispatch(&st, req, &request_id).await;
+    let access = st.access_log.then(|| {
+        (
+            req.method().to_string(),
+            req.uri().path().to_string(),
+            client_ip(req.extensions()),
+        )
+    });
+    let mut route = observe::UNMATCHED.to_string();
+    let mut resp = dispatch(&st, req, &request_id, &mut route).await;
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-nimbus-request-id", v);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let status = resp.status().as_u16();
+    observe::request(&route, status, secs);
+    if let Some((method, path, ip)) = access {
+        tracing::info!(
+            target: "nimbus_access",
+            request_id,
+            method,
+            path,
+            route,
+            status,
+            duration_ms = secs * 1000.0,
+            client_ip = ip,
+        );
     }
     resp
 }
 
-async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response {
+fn client_ip(ext: &http::Extensions) -> String {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "127.0.0.1".into())
+}
+
+async fn dispatch(
+    st: &GatewayState,
+    req: Request,
+    request_id: &str,
+    route_label: &mut String,
+) -> Response {
     let (parts, body) = req.into_parts();
     let method = parts.method.as_str().to_string();
     let raw_path = parts.uri.path().to_string();
@@ -89,6 +127,7 @@ async fn dispatch(st: &GatewayState, req: Request, request_id: &str) -> Response
             &format!("no route matches {method} {raw_path}"),
         );
     };
+    *route_label = found.entry.route_key();
     let allow = found
         .entry
         .options
@@ -113,11 +152,7 @@ async fn serve_route(
     method: &str,
     raw_path: &str,
 ) -> Response {
-    let source_ip = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "127.0.0.1".into());
+    let source_ip = client_ip(&parts.extensions);
     // Per client first: it bounds what one address can spend on guessing keys.
     let route_key = found.entry.route_key();
     let mut rate_headers = Vec::new();
@@ -127,7 +162,10 @@ async fn serve_route(
             .take(&format!("ip:{route_key}:{source_ip}"), rate, "client")
         {
             Ok(h) => rate_headers = h,
-            Err(r) => return *r,
+            Err(r) => {
+                observe::throttled(&route_key, "client");
+                return *r;
+            }
         }
     }
     if let Some(rate) = found.entry.options.rate {
@@ -136,7 +174,10 @@ async fn serve_route(
             .take(&format!("route:{route_key}"), rate, "route")
         {
             Ok(h) => rate_headers = h,
-            Err(r) => return *r,
+            Err(r) => {
+                observe::throttled(&route_key, "route");
+                return *r;
+            }
         }
     }
     // Credentials before the body: a refused caller never gets to upload anything.
@@ -152,7 +193,13 @@ async fn serve_route(
                 now_ms(),
             ) {
                 Ok(c) => Some(c),
-                Err(resp) => return *resp,
+                Err(resp) => {
+                    match resp.status().as_u16() {
+                        429 => observe::throttled(&route_key, "key"),
+                        s => observe::auth_failure(&route_key, s),
+                    }
+                    return *resp;
+                }
             }
         }
         // Refused at deploy until they exist; refuse here too, whatever is stored.
@@ -204,6 +251,7 @@ async fn serve_route(
             target: Target::Alias(found.entry.alias.clone()),
             trigger: Trigger::Http,
             payload: payload.into(),
+            trace: Some(observe::traceparent(&parts.headers)),
         })
         .await;
     let outcome = match outcome {

@@ -165,6 +165,7 @@ impl Live {
         &mut self,
         request_id: &str,
         arn: &str,
+        trace: Option<&str>,
         event: &[u8],
         timeout: Duration,
         log_limit: usize,
@@ -178,7 +179,7 @@ impl Live {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
             + timeout.as_millis() as u64;
-        let frame = protocol::invoke_frame(request_id, deadline_ms, arn, event);
+        let frame = protocol::invoke_frame(request_id, deadline_ms, arn, trace, event);
         self.meter.reset_peak();
         let cpu_before = self.meter.cpu_ns();
         let started = Instant::now();

@@ -273,6 +273,7 @@ impl Inner {
             .run(
                 &req.request_id,
                 &arn,
+                req.trace.as_deref(),
                 &req.payload,
                 deadline,
                 self.cfg.log_limit,

@@ -223,6 +223,7 @@ mod tests {
             target: Target::default(),
             trigger: Trigger::Http,
             payload: Bytes::from_static(b"{}"),
+            trace: None,
         }
     }
 

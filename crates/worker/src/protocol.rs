@@ -103,13 +103,22 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameE
 }
 
 /// Builds an `I` frame around an event that is already valid JSON, without re-encoding it.
-pub fn invoke_frame(request_id: &str, deadline_ms: u64, arn: &str, event: &[u8]) -> Vec<u8> {
-    let head = serde_json::json!({
+pub fn invoke_frame(
+    request_id: &str,
+    deadline_ms: u64,
+    arn: &str,
+    trace: Option<&str>,
+    event: &[u8],
+) -> Vec<u8> {
+    let mut head = serde_json::json!({
         "requestId": request_id,
         "deadlineMs": deadline_ms,
         "invokedFunctionArn": arn,
-    })
-    .to_string();
+    });
+    if let Some(t) = trace {
+        head["traceId"] = serde_json::Value::from(t);
+    }
+    let head = head.to_string();
     // head is `{...}`: splice `,"event":<event>}` in place of its closing brace.
     let mut body = Vec::with_capacity(head.len() + event.len() + 16);
     body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
@@ -154,14 +163,16 @@ mod tests {
 
     #[test]
     fn invoke_frame_embeds_event_verbatim() {
-        let f = invoke_frame("r1", 42, "arn", br#"{"x":[1,2]}"#);
+        let f = invoke_frame("r1", 42, "arn", Some("00-t"), br#"{"x":[1,2]}"#);
         assert_eq!(f[0], b'I');
         let v: serde_json::Value = serde_json::from_slice(&f[5..]).expect("json");
         assert_eq!(v["requestId"], "r1");
         assert_eq!(v["deadlineMs"], 42);
         assert_eq!(v["event"]["x"][1], 2);
-        let f = invoke_frame("r1", 42, "arn", b"");
+        assert_eq!(v["traceId"], "00-t");
+        let f = invoke_frame("r1", 42, "arn", None, b"");
         let v: serde_json::Value = serde_json::from_slice(&f[5..]).expect("json");
         assert!(v["event"].is_null());
+        assert!(v.get("traceId").is_none());
     }
 }

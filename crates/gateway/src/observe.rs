@@ -1,0 +1,96 @@
+//! What the gateway tells operators: Prometheus metrics by route and status, an
+//! access-log line per request (when asked for), and the W3C trace context handed to
+//! functions.
+//!
+//! Metric names and labels are a public interface:
+//! - `nimbus_gateway_requests_total{route,status}` counter; `route` is the matched
+//!   route key (`GET /hello/{name}`), or `unmatched` (raw paths would be unbounded)
+//! - `nimbus_gateway_request_duration_seconds{route}` histogram
+//! - `nimbus_gateway_auth_failures_total{route,status}` counter (401 and 403)
+//! - `nimbus_gateway_throttles_total{route,limit}` counter, `limit` = `client` |
+//!   `route` | `key`
+
+use http::HeaderMap;
+
+pub const UNMATCHED: &str = "unmatched";
+
+pub fn request(route: &str, status: u16, seconds: f64) {
+    metrics::counter!(
+        "nimbus_gateway_requests_total",
+        "route" => route.to_string(),
+        "status" => status.to_string(),
+    )
+    .increment(1);
+    metrics::histogram!("nimbus_gateway_request_duration_seconds", "route" => route.to_string())
+        .record(seconds);
+}
+
+pub fn auth_failure(route: &str, status: u16) {
+    metrics::counter!(
+        "nimbus_gateway_auth_failures_total",
+        "route" => route.to_string(),
+        "status" => status.to_string(),
+    )
+    .increment(1);
+}
+
+pub fn throttled(route: &str, limit: &'static str) {
+    metrics::counter!(
+        "nimbus_gateway_throttles_total",
+        "route" => route.to_string(),
+        "limit" => limit,
+    )
+    .increment(1);
+}
+
+fn is_hex(s: &str, n: usize) -> bool {
+    s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The caller's `traceparent` when it is a valid W3C one (version 00, non-zero ids),
+/// else a fresh one: every function call belongs to a trace.
+pub fn traceparent(headers: &HeaderMap) -> String {
+    if let Some(v) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let parts: Vec<&str> = v.trim().split('-').collect();
+        if let [ver, trace, parent, flags] = parts[..]
+            && ver == "00"
+            && is_hex(trace, 32)
+            && is_hex(parent, 16)
+            && is_hex(flags, 2)
+            && trace.bytes().any(|b| b != b'0')
+            && parent.bytes().any(|b| b != b'0')
+        {
+            return v.trim().to_string();
+        }
+    }
+    let a = uuid::Uuid::new_v4().simple().to_string();
+    let b = uuid::Uuid::new_v4().simple().to_string();
+    format!("00-{a}-{}-01", &b[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn valid_traceparents_pass_and_others_are_replaced() {
+        let mut h = HeaderMap::new();
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert("traceparent", HeaderValue::from_static(good));
+        assert_eq!(traceparent(&h), good);
+        for bad in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "junk",
+        ] {
+            h.insert("traceparent", HeaderValue::from_static(bad));
+            let t = traceparent(&h);
+            assert_ne!(t, bad);
+            assert_eq!(t.len(), 55, "{t}");
+            assert!(t.starts_with("00-") && t.ends_with("-01"), "{t}");
+        }
+        assert_eq!(traceparent(&HeaderMap::new()).len(), 55);
+    }
+}
