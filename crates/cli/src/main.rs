@@ -13,6 +13,7 @@
 mod build;
 mod client;
 mod init;
+mod jwks;
 mod keys;
 mod listen;
 mod meter;
@@ -73,7 +74,7 @@ pub enum Output {
 #[derive(Subcommand)]
 enum Command {
     /// Run the platform: control API, gateway and workers.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Package a function folder, upload it and point alias `live` at the new version.
     Deploy(client::DeployArgs),
     /// Call a function and print its result.
@@ -170,7 +171,7 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     match cli.command {
-        Command::Serve(args) => serve::run(args, &g),
+        Command::Serve(args) => serve::run(*args, &g),
         Command::Deploy(args) => client::deploy(&g, &args),
         Command::Invoke(args) => client::invoke(&g, &args),
         Command::Ls => client::list(&g),

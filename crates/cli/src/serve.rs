@@ -55,6 +55,25 @@ pub struct ServeArgs {
     /// Deploy these function folders once the server is up (repeatable).
     #[arg(long = "deploy", value_name = "DIR")]
     pub deploy: Vec<PathBuf>,
+    /// Issuer (`iss`) that `auth = "jwt"` routes require.
+    #[arg(long, env = "NIMBUS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Audience (`aud`) that `auth = "jwt"` routes accept (repeatable).
+    #[arg(
+        long = "jwt-audience",
+        env = "NIMBUS_JWT_AUDIENCE",
+        value_delimiter = ','
+    )]
+    pub jwt_audience: Vec<String>,
+    /// Verification keys as a JWKS file.
+    #[arg(long, env = "NIMBUS_JWKS_FILE", conflicts_with = "jwks_url")]
+    pub jwks_file: Option<PathBuf>,
+    /// Verification keys from a JWKS URL, fetched at start and every 5 minutes.
+    #[arg(long, env = "NIMBUS_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Clock skew allowed on exp and nbf.
+    #[arg(long, env = "NIMBUS_JWT_LEEWAY", default_value = "5s", value_parser = nimbus_core::duration::parse_duration)]
+    pub jwt_leeway: std::time::Duration,
     /// Log one `nimbus_access` line per gateway request (JSON with --log-format json).
     #[arg(long, env = "NIMBUS_ACCESS_LOG")]
     pub access_log: bool,
@@ -158,6 +177,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
 
     let routes_rx = spawn_feed(Arc::clone(&store), "routes", build_routes).await?;
     let keys_rx = spawn_feed(Arc::clone(&store), "api keys", build_keys).await?;
+    let jwt_rx = crate::jwks::spawn(&args).await?;
 
     let control = nimbus_control::router(Arc::new(nimbus_control::ControlState {
         store: Arc::clone(&store),
@@ -175,6 +195,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         keys: keys_rx,
         limiters: Arc::default(),
         access_log: args.access_log,
+        jwt: jwt_rx,
     });
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));

@@ -220,6 +220,7 @@ struct RawRoute {
     cors: Option<crate::route_options::RawCors>,
     rate: Option<String>,
     rate_per_ip: Option<String>,
+    scopes: Option<Vec<String>>,
 }
 
 const METHODS: &[&str] = &[
@@ -448,11 +449,23 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                 ));
             }
         };
-        if matches!(auth, AuthKind::Jwt | AuthKind::Mtls) {
+        let scopes = r.scopes.unwrap_or_default();
+        if !scopes.is_empty() && auth != AuthKind::Jwt {
+            return Err(err(
+                &field("scopes"),
+                "only applies to auth = \"jwt\" routes (API keys carry their own scopes)".into(),
+            ));
+        }
+        if let Some(bad) = scopes.iter().find(|s| {
+            s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_whitespace() || c.is_control())
+        }) {
+            return Err(err(&field("scopes"), format!("`{bad}` is not a scope")));
+        }
+        if matches!(auth, AuthKind::Mtls) {
             return Err(err(
                 &field("auth"),
                 format!(
-                    "`{}` routes are not available yet in this build; use auth = \"none\" or \"api_key\"",
+                    "`{}` routes are not available yet in this build; use auth = \"none\", \"api_key\" or \"jwt\"",
                     serde_json::to_value(auth)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))
@@ -473,6 +486,7 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             cors,
             rate,
             rate_per_ip,
+            scopes,
         };
         let spec = RouteSpec {
             method,

@@ -15,6 +15,9 @@ pub struct RouteOptions {
     /// One bucket per client IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_ip: Option<Rate>,
+    /// OAuth scopes a JWT must carry for `auth = "jwt"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
 }
 
 impl RouteOptions {

@@ -12,6 +12,7 @@
 mod auth;
 mod cors;
 mod event;
+mod jwt;
 mod limits;
 mod observe;
 
@@ -32,6 +33,7 @@ use tokio::sync::watch;
 
 pub use auth::KeyLimiters;
 pub use event::{EventInput, build_event, map_result};
+pub use jwt::JwtConfig;
 pub use limits::Buckets;
 
 #[derive(Clone)]
@@ -45,6 +47,8 @@ pub struct GatewayState {
     pub limiters: Arc<Buckets>,
     /// One `nimbus_access` log line per request.
     pub access_log: bool,
+    /// JWT verification for `auth = "jwt"` routes (None: not configured, they refuse).
+    pub jwt: watch::Receiver<Option<Arc<JwtConfig>>>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -192,7 +196,7 @@ async fn serve_route(
                 &found.entry.function,
                 now_ms(),
             ) {
-                Ok(c) => Some(c),
+                Ok(c) => Some(Caller::Key(c)),
                 Err(resp) => {
                     match resp.status().as_u16() {
                         429 => observe::throttled(&route_key, "key"),
@@ -202,8 +206,18 @@ async fn serve_route(
                 }
             }
         }
-        // Refused at deploy until they exist; refuse here too, whatever is stored.
-        AuthKind::Jwt | AuthKind::Mtls => {
+        AuthKind::Jwt => {
+            let cfg = st.jwt.borrow().clone();
+            match check_jwt(cfg.as_deref(), &parts.headers, &found.entry.options.scopes) {
+                Ok(v) => Some(Caller::Jwt(v)),
+                Err(resp) => {
+                    observe::auth_failure(&route_key, resp.status().as_u16());
+                    return *resp;
+                }
+            }
+        }
+        // Refused at deploy until it exists; refuse here too, whatever is stored.
+        AuthKind::Mtls => {
             return error_response(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -211,9 +225,11 @@ async fn serve_route(
             );
         }
     };
-    let authorizer = caller
-        .as_ref()
-        .map(|c| serde_json::json!({"apiKey": {"id": c.key_id, "name": c.key_name}}));
+    let authorizer = caller.as_ref().map(|c| match c {
+        Caller::Key(k) => serde_json::json!({"apiKey": {"id": k.key_id, "name": k.key_name}}),
+        // API Gateway's shape for JWT authorizers.
+        Caller::Jwt(v) => serde_json::json!({"jwt": {"claims": v.claims, "scopes": v.scopes}}),
+    });
     let body = match read_limited(body, st.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -229,7 +245,9 @@ async fn serve_route(
         body: &body,
         source_ip: &source_ip,
         protocol: version_str(parts.version),
-        strip_credentials: caller.is_some(),
+        // An API key is a nimbus credential; a JWT is the caller's, often relayed on
+        // (API Gateway passes it through too).
+        strip_credentials: matches!(caller, Some(Caller::Key(_))),
         authorizer,
     });
     let payload = match serde_json::to_vec(&event) {
@@ -287,7 +305,10 @@ async fn serve_route(
         h.insert("x-nimbus-version", v);
     }
     // The tightest limit the request passed last: the key's, else the route's.
-    let key_headers = caller.map(|c| c.rate_headers).unwrap_or_default();
+    let key_headers = match caller {
+        Some(Caller::Key(c)) => c.rate_headers,
+        _ => Vec::new(),
+    };
     let shown = if key_headers.is_empty() {
         rate_headers
     } else {
@@ -349,6 +370,53 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
             "could not read the request body",
         )),
     }
+}
+
+/// Who a protected route let through.
+enum Caller {
+    Key(auth::Caller),
+    Jwt(jwt::Verified),
+}
+
+fn check_jwt(
+    cfg: Option<&JwtConfig>,
+    headers: &http::HeaderMap,
+    required: &[String],
+) -> Result<jwt::Verified, Box<Response>> {
+    let unauthorized = |m: &str| {
+        let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"nimbus\""),
+        );
+        Box::new(r)
+    };
+    let token = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    let Some(token) = token else {
+        return Err(unauthorized("missing bearer token"));
+    };
+    let Some(cfg) = cfg else {
+        tracing::error!(
+            "a jwt route was called but serve has no JWT configuration (--jwks-file or --jwks-url, --jwt-issuer, --jwt-audience)"
+        );
+        return Err(unauthorized("invalid token"));
+    };
+    cfg.verify(token, required).map_err(|e| match e {
+        jwt::JwtRefusal::Unauthorized(why) => {
+            tracing::info!(reason = why, "JWT refused");
+            unauthorized("invalid token")
+        }
+        jwt::JwtRefusal::Forbidden => Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token lacks a scope this route requires",
+        )),
+    })
 }
 
 fn now_ms() -> i64 {
