@@ -539,9 +539,30 @@ pub fn routes(g: &Global) -> anyhow::Result<ExitCode> {
         print_json(&rs)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = table(&["method", "path", "function", "alias"]);
+    let mut t = table(&["method", "path", "function", "alias", "auth", "limits"]);
     for r in rs {
-        t.add_row(vec![r.method, r.path, r.function, r.alias]);
+        let auth = serde_json::to_value(r.auth)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut limits = Vec::new();
+        if let Some(x) = r.options.rate {
+            limits.push(format!("route {x}"));
+        }
+        if let Some(x) = r.options.rate_per_ip {
+            limits.push(format!("per ip {x}"));
+        }
+        if r.options.cors.is_some() {
+            limits.push("cors".into());
+        }
+        t.add_row(vec![
+            r.method,
+            r.path,
+            r.function,
+            r.alias,
+            auth,
+            limits.join(", "),
+        ]);
     }
     println!("{t}");
     Ok(ExitCode::SUCCESS)

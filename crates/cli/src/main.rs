@@ -17,6 +17,7 @@ mod jwks;
 mod keys;
 mod listen;
 mod meter;
+mod route;
 mod scale;
 mod serve;
 mod usage;
@@ -100,8 +101,13 @@ enum Command {
     /// Delete a function with all its versions, aliases and routes.
     #[command(alias = "delete")]
     Rm { name: String },
-    /// List the routes of the gateway.
+    /// List the routes of the gateway (same as `route ls`).
     Routes,
+    /// Add, list and remove routes outside manifests.
+    Route {
+        #[command(subcommand)]
+        cmd: route::RouteCmd,
+    },
     /// Stop a function's warm instances (the next call is a cold start).
     Evict { name: String },
     /// Set how many instances a function keeps warm and may run at most.
@@ -188,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollback { name, alias } => client::rollback(&g, &name, &alias),
         Command::Rm { name } => client::remove(&g, &name),
         Command::Routes => client::routes(&g),
+        Command::Route { cmd } => route::run(&g, cmd),
         Command::Evict { name } => client::evict(&g, &name),
         Command::Scale(args) => scale::scale(&g, &args),
         Command::Instances { name } => scale::instances(&g, name.as_deref()),

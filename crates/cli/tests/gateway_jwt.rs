@@ -227,9 +227,19 @@ fn serve_jwks(body: String) -> String {
 fn keys_can_come_from_a_jwks_url() {
     let jwks = std::fs::read_to_string(fixture("jwt").join("jwks.json")).expect("jwks");
     let url = serve_jwks(jwks);
-    let s = Server::start_args(&["--jwks-url", &url, "--jwt-issuer", ISS, "--jwt-audience", AUD]);
+    let s = Server::start_args(&[
+        "--jwks-url",
+        &url,
+        "--jwt-issuer",
+        ISS,
+        "--jwt-audience",
+        AUD,
+    ]);
     s.ok(&["deploy", fixture("jwt-py").to_str().expect("path")]);
     let t = token(claims(json!({})), "test-key.pem");
     assert_eq!(call(&s, "/me", Some(&t)).0, 200);
-    assert_eq!(call(&s, "/me", Some(&token(claims(json!({})), "other-key.pem"))).0, 401);
+    assert_eq!(
+        call(&s, "/me", Some(&token(claims(json!({})), "other-key.pem"))).0,
+        401
+    );
 }

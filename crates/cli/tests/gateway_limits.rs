@@ -173,3 +173,87 @@ fn the_control_api_can_live_on_its_own_listener() {
         404
     );
 }
+
+#[test]
+fn routes_can_be_added_and_removed_outside_manifests() {
+    let s = Server::start();
+    s.ok(&["deploy", example("python-hello").to_str().expect("path")]);
+    let out = s.ok(&[
+        "route",
+        "add",
+        "GET",
+        "/v2/greet/{name}",
+        "--function",
+        "hello",
+        "--rate",
+        "100/s",
+    ]);
+    assert!(out.contains("added route GET /v2/greet/{name}"), "{out}");
+    let r = s.http().get(s.url("/v2/greet/ada")).send().expect("get");
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("ratelimit-remaining"));
+    let ls = s.ok(&["route", "ls"]);
+    assert!(
+        ls.contains("/v2/greet/{name}") && ls.contains("route 100/s"),
+        "{ls}"
+    );
+    // It survives a redeploy of its function.
+    s.ok(&["deploy", example("python-hello").to_str().expect("path")]);
+    assert_eq!(
+        s.http()
+            .get(s.url("/v2/greet/ada"))
+            .send()
+            .expect("get")
+            .status(),
+        200
+    );
+    // Conflicts, reserved paths, unknown functions and manifest routes are refused.
+    for (args, want) in [
+        (
+            vec![
+                "route",
+                "add",
+                "GET",
+                "/hello/{other}",
+                "--function",
+                "hello",
+            ],
+            "conflicts",
+        ),
+        (
+            vec!["route", "add", "GET", "/v1/x", "--function", "hello"],
+            "reserved",
+        ),
+        (
+            vec!["route", "add", "GET", "/y", "--function", "ghost"],
+            "not found",
+        ),
+        (
+            vec![
+                "route",
+                "add",
+                "GET",
+                "/y",
+                "--function",
+                "hello",
+                "--auth",
+                "magic",
+            ],
+            "auth",
+        ),
+        (vec!["route", "rm", "GET", "/hello/{name}"], "manifest"),
+    ] {
+        let o = s.cli(&args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr_of(&o).contains(want), "{args:?}: {}", stderr_of(&o));
+    }
+    s.ok(&["route", "rm", "GET", "/v2/greet/{name}"]);
+    assert_eq!(
+        s.http()
+            .get(s.url("/v2/greet/ada"))
+            .send()
+            .expect("get")
+            .status(),
+        404
+    );
+}

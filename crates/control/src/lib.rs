@@ -13,6 +13,7 @@
 mod error;
 mod keys;
 mod metering;
+mod routes;
 mod scaling;
 
 use std::sync::Arc;
@@ -74,7 +75,10 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/evict", post(evict))
         .route("/v1/functions/{name}/scale", post(scaling::scale))
         .route("/v1/instances", get(scaling::list_instances))
-        .route("/v1/routes", get(list_routes))
+        .route(
+            "/v1/routes",
+            get(list_routes).post(routes::add).delete(routes::remove),
+        )
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{name}", axum::routing::delete(keys::revoke))
         .route("/v1/usage", get(metering::usage))

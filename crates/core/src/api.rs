@@ -259,3 +259,24 @@ pub struct CreatedKey {
     #[serde(flatten)]
     pub info: ApiKeyInfo,
 }
+
+/// `POST /v1/routes`: a route outside any manifest (it survives deploys). CORS rules
+/// are manifest-only.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRouteRequest {
+    pub method: String,
+    pub path: String,
+    pub function: String,
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// `none` (default), `api_key` or `jwt`.
+    #[serde(default)]
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub rate: Option<String>,
+    #[serde(default)]
+    pub rate_per_ip: Option<String>,
+}

@@ -223,7 +223,7 @@ struct RawRoute {
     scopes: Option<Vec<String>>,
 }
 
-const METHODS: &[&str] = &[
+pub const METHODS: &[&str] = &[
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "ANY",
 ];
 

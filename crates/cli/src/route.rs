@@ -1,0 +1,93 @@
+//! `nimbus route add|ls|rm`: routes outside manifests (they survive deploys).
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use nimbus_core::api::AddRouteRequest;
+use nimbus_core::routes::RouteEntry;
+
+use crate::client::{Api, print_json};
+use crate::{Global, Output};
+
+#[derive(Subcommand)]
+pub enum RouteCmd {
+    /// Point METHOD PATH (e.g. GET /v2/items/{id}) at a function's alias.
+    Add {
+        method: String,
+        path: String,
+        #[arg(long)]
+        function: String,
+        #[arg(long, default_value = "live")]
+        alias: String,
+        /// none, api_key or jwt.
+        #[arg(long, default_value = "none")]
+        auth: String,
+        /// Scopes a JWT must carry (repeatable; auth jwt only).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Token bucket for the whole route: 100/s, 10/s:20.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Token bucket per client address.
+        #[arg(long)]
+        rate_per_ip: Option<String>,
+    },
+    /// List every route (manifest and added ones).
+    Ls,
+    /// Remove a route added with `route add`.
+    Rm { method: String, path: String },
+}
+
+pub fn run(g: &Global, cmd: RouteCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RouteCmd::Ls => crate::client::routes(g),
+        RouteCmd::Add {
+            method,
+            path,
+            function,
+            alias,
+            auth,
+            scopes,
+            rate,
+            rate_per_ip,
+        } => {
+            let api = Api::new(g)?;
+            let r: RouteEntry = api.json(api.req(reqwest::Method::POST, "/v1/routes").json(
+                &AddRouteRequest {
+                    method,
+                    path,
+                    function,
+                    alias: Some(alias),
+                    auth: Some(auth),
+                    scopes,
+                    rate,
+                    rate_per_ip,
+                },
+            ))?;
+            if g.output == Output::Json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "added route {} -> {}:{}",
+                    r.route_key(),
+                    r.function,
+                    r.alias
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RouteCmd::Rm { method, path } => {
+            let api = Api::new(g)?;
+            let r: RouteEntry = api.json(
+                api.req(reqwest::Method::DELETE, "/v1/routes")
+                    .query(&[("method", method.as_str()), ("path", path.as_str())]),
+            )?;
+            if g.output == Output::Json {
+                print_json(&r)?;
+            } else {
+                println!("removed route {}", r.route_key());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
