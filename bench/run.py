@@ -510,6 +510,25 @@ def build_rows(R, args):
             n = len(after)
             add(f"{runtime} instances after load ({n})",
                 f"PSS {mib(sum(i['pss'] for i in after) / n)} each, cgroup {mib(sum(i['usage'] for i in after) / n)} each")
+    G = R.get("gateway") or {}
+    if G:
+        for name, label in (("open", "open route"), ("key", "API-key route")):
+            c1 = G.get(f"{name}_c1")
+            lat = pick(c1, "latency_ms")
+            pf = pick(c1, "paired_floor", "latency_ms", "p50") or floor_p50
+            add(f"gateway {label} (python hello), c=1", c1_value(c1),
+                f"paired floor p50 {ms(pf)} ms", ratio(pick(lat, "p50"), pf))
+        k_vs_o = ratio(pick(G, "key_c1", "latency_ms", "p50"), pick(G, "open_c1", "latency_ms", "p50"))
+        add("gateway API-key vs open route, c=1 p50", rx(k_vs_o) if k_vs_o else "-", "open route", k_vs_o)
+        for name, label in (("open", "open route"), ("key", "API-key route")):
+            T = G.get(f"{name}_c32", {})
+            lat = T.get("latency_ms", {})
+            add(f"gateway {label} (python hello), c={args.rps_conns}",
+                f"{T.get('rps', 0):.0f} req/s  p50 {ms(lat.get('p50'))}  p99 {ms(lat.get('p99'))} ms",
+                f"floor {floor_rps or 0:.0f} req/s", ratio(T.get("rps"), floor_rps))
+        k_vs_o = ratio(pick(G, "key_c32", "rps"), pick(G, "open_c32", "rps"))
+        add(f"gateway API-key vs open route, c={args.rps_conns} req/s", rx(k_vs_o) if k_vs_o else "-",
+            "open route", k_vs_o)
     return rows, checks
 
 
@@ -527,16 +546,16 @@ def print_table(rows, header):
 # ---------------------------------------------------------------- the run
 
 
-def latency_c1(args, url, floor_url=None):
+def latency_c1(args, url, floor_url=None, extra=()):
     """c=1 latency, best of --latency-repeats runs (by p50), each on a fresh connection.
     On this 2-vCPU VM a c=1 ping-pong is bimodal (hyper-floor: ~12 us or ~60-100 us p50),
     and a mode can persist for seconds: it is where the scheduler puts the threads and
     whether the other vCPU sleeps, not the server. So with `floor_url` each run is paired
     with a floor run just before it, and the figure is compared with the best floor run
     of its own window. Every c=1 figure gets the same rule; every run's p50 is kept."""
-    def one(u):
+    def one(u, more=()):
         return loadgen("run", "--url", u, "-c", 1, "--warmup-requests", args.warmup,
-                       "--requests", args.warm_requests)
+                       "--requests", args.warm_requests, *more)
 
     def best(runs):
         b = dict(min(runs, key=lambda r: (pick(r, "latency_ms", "p50") is None,
@@ -548,7 +567,7 @@ def latency_c1(args, url, floor_url=None):
     for _ in range(max(1, args.latency_repeats)):
         if floor_url:
             floors.append(one(floor_url))
-        runs.append(one(url))
+        runs.append(one(url, extra))
     out = best(runs)
     if floors:
         out["paired_floor"] = best(floors)
@@ -637,6 +656,25 @@ def measure_nimbus(args, R, tmp, say, floor_url):
             time.sleep(args.settle)
             F["instances_after_load"] = instance_memory(parent, instance_ids(addr, token, fn))
             http_post(addr, f"/v1/functions/{fn}/evict", token)
+
+        # Gateway overhead: the same python hello behind an open and an API-key route.
+        say("gateway: open route vs API-key route (python hello)")
+        run([NIMBUS, "route", "add", "GET", "/keyed/{name}", "--function", "hello",
+             "--auth", "api_key"], env=env, what="route add")
+        key = json.loads(run([NIMBUS, "keys", "create", "bench", "--scope", "invoke:hello",
+                              "-o", "json"], env=env, what="keys create"))["key"]
+        hdr = ("--header", f"x-api-key: {key}")
+        G = R["gateway"]
+        open_url, key_url = f"http://{addr}/hello/ada", f"http://{addr}/keyed/ada"
+        if http_get(addr, "/keyed/ada")[0] != 401:
+            raise Failed("the API-key route answered without a key")
+        G["open_c1"] = latency_c1(args, open_url, floor_url)
+        G["key_c1"] = latency_c1(args, key_url, floor_url, hdr)
+        for name, url, more in (("open", open_url, ()), ("key", key_url, hdr)):
+            G[f"{name}_c32"] = loadgen("run", "--url", url, "-c", args.rps_conns,
+                                       "--warmup-secs", args.rps_warmup,
+                                       "--duration", args.rps_secs, *more)
+        http_post(addr, "/v1/functions/hello/evict", token)
         time.sleep(1.0)
         P["rss_idle_end"] = vm_rss(pid)
     except Failed as e:
@@ -701,7 +739,7 @@ def main():
             "cpus": os.cpu_count(), "loadavg_start": loadavg(), "args": vars(args),
             "client": "bench/loadgen: closed loop, HTTP/1.1 keep-alive, 1 client thread",
         },
-        "baselines": {}, "platform": {}, "runtimes": {},
+        "baselines": {}, "platform": {}, "runtimes": {}, "gateway": {},
     }
     bench_started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="nimbus-bench-")

@@ -75,6 +75,9 @@ struct RunArgs {
     /// the server under test.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Extra request header, `name: value` (repeatable), e.g. an API key.
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 #[derive(Args)]
@@ -148,6 +151,8 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 struct Conn {
     target: Target,
     tx: SendRequest<Full<Bytes>>,
+    /// Headers every load request carries (`run --header`).
+    extra: Arc<Vec<(&'static str, String)>>,
 }
 
 struct Answer {
@@ -172,6 +177,7 @@ impl Conn {
         Ok(Conn {
             target: target.clone(),
             tx,
+            extra: Arc::new(Vec::new()),
         })
     }
 
@@ -257,9 +263,10 @@ impl Tally {
 async fn drive(mut conn: Conn, stop: Stop, record: bool) -> (Conn, Tally) {
     let mut t = Tally::default();
     let path = conn.target.path.clone();
+    let extra = Arc::clone(&conn.extra);
     while stop.take() {
         let started = Instant::now();
-        match conn.send(Method::GET, &path, &[], Bytes::new()).await {
+        match conn.send(Method::GET, &path, &extra, Bytes::new()).await {
             Ok(a) => {
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
                 if record {
@@ -309,9 +316,21 @@ async fn run(a: RunArgs) -> anyhow::Result<Value> {
     if a.requests.is_none() && a.duration.is_none() {
         bail!("give --requests N or --duration SECS");
     }
+    let mut extra = Vec::new();
+    for h in &a.headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("--header `{h}` is not `name: value`"))?;
+        // Header names must be 'static for the request builder; a handful per run.
+        let name: &'static str = Box::leak(name.trim().to_ascii_lowercase().into_boxed_str());
+        extra.push((name, value.trim().to_string()));
+    }
+    let extra = Arc::new(extra);
     let mut conns = Vec::with_capacity(a.connections);
     for _ in 0..a.connections {
-        conns.push(Conn::open(&target).await?);
+        let mut c = Conn::open(&target).await?;
+        c.extra = Arc::clone(&extra);
+        conns.push(c);
     }
     if a.warmup_requests > 0 {
         conns = phase(conns, Stop::new(Some(a.warmup_requests), None), false)
