@@ -410,3 +410,45 @@ fn gateway_metrics_access_log_and_trace_context() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn encoded_and_dotted_paths_cannot_reach_a_protected_route() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("keyed-py").to_str().expect("path")]);
+    // Raw request lines, so no client normalises the path first.
+    for path in [
+        "/open/../keyed/a",
+        "/open/%2e%2e/keyed/a",
+        "/open/%2E%2E%2Fkeyed%2Fa",
+        "//keyed/a",
+        "/keyed%2fa",
+        "/%6beyed/a",
+        "/./keyed/a",
+        "/open/..%2f..%2fkeyed/a",
+    ] {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&s.addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write");
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        let status: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            matches!(status, 400 | 401 | 404),
+            "{path} answered {status}: {answer}"
+        );
+        assert!(
+            !answer.contains("sawCredentials"),
+            "{path} reached the protected function"
+        );
+    }
+}
