@@ -566,6 +566,7 @@ mod tests {
             warmup_requests: 0,
             warmup_secs: 0.0,
             threads: 1,
+            headers: vec![],
         })
         .await
         .expect("run");
@@ -587,6 +588,7 @@ mod tests {
             warmup_requests: 0,
             warmup_secs: 0.0,
             threads: 1,
+            headers: vec![],
         })
         .await;
         assert!(r.is_err());

@@ -53,6 +53,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &LimitsArgs,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -89,7 +90,8 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let svc = hyper::service::service_fn(move_app(app.clone(), peer));
+        let app = app.clone();
+        let tls = tls.clone();
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let first_byte = limits.header_timeout;
@@ -105,8 +107,25 @@ pub async fn serve(
                 drop(permit);
                 return;
             }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
+            match tls {
+                None => serve_io(&builder, watcher, stream, app, peer, None).await,
+                // The handshake gets the same deadline as a request head.
+                Some(acceptor) => {
+                    match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let cert = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| crate::tls::describe(c));
+                            serve_io(&builder, watcher, tls, app, peer, cert).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -120,14 +139,33 @@ pub async fn serve(
     Ok(())
 }
 
+async fn serve_io<I>(
+    builder: &Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    app: Router,
+    peer: SocketAddr,
+    cert: Option<nimbus_core::ClientCert>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move_app(app, peer, cert));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let _ = watcher.watch(conn.into_owned()).await;
+}
+
 /// The per-connection service: the router, with the peer address where axum's
-/// `ConnectInfo` extractor looks for it.
+/// `ConnectInfo` extractor looks for it, and the verified client certificate if any.
 fn move_app(
     app: Router,
     peer: SocketAddr,
+    cert: Option<nimbus_core::ClientCert>,
 ) -> impl Fn(http::Request<Incoming>) -> Oneshot<Router, http::Request<axum::body::Body>> + Clone {
     move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(c) = &cert {
+            req.extensions_mut().insert(c.clone());
+        }
         app.clone().oneshot(req.map(axum::body::Body::new))
     }
 }

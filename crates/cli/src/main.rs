@@ -20,6 +20,7 @@ mod meter;
 mod route;
 mod scale;
 mod serve;
+mod tls;
 mod usage;
 
 use std::path::PathBuf;

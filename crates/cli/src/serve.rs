@@ -84,6 +84,8 @@ pub struct ServeArgs {
     pub metering: crate::meter::MeteringArgs,
     #[command(flatten)]
     pub limits: crate::listen::LimitsArgs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 pub fn run(args: ServeArgs, g: &Global) -> anyhow::Result<ExitCode> {
@@ -208,6 +210,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         ),
     };
 
+    let tls = crate::tls::acceptor(&args.tls)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
@@ -224,7 +227,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         Some(l) => l.local_addr().context("read control listen address")?,
         None => addr,
     };
-    println!("nimbus listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("nimbus listening on {scheme}://{addr}");
     if control_listener.is_some() {
         println!("nimbus control API on http://{control_addr}");
     }
@@ -233,7 +237,12 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
 
     if !args.deploy.is_empty() {
         let mut g2 = g.clone();
-        g2.server = format!("http://{control_addr}");
+        let control_scheme = if args.control_listen.is_some() {
+            "http"
+        } else {
+            scheme
+        };
+        g2.server = format!("{control_scheme}://{control_addr}");
         g2.token = Some(token.clone());
         let dirs = args.deploy.clone();
         tokio::task::spawn_blocking(move || {
@@ -255,10 +264,18 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let public = crate::listen::serve(listener, public_app, &args.limits, stopped(stop_rx.clone()));
+    let public_tls = tls.clone();
+    let public = crate::listen::serve(
+        listener,
+        public_app,
+        &args.limits,
+        public_tls,
+        stopped(stop_rx.clone()),
+    );
     match (control_listener, control_app) {
         (Some(l), Some(app)) => {
-            let ctl = crate::listen::serve(l, app, &args.limits, stopped(stop_rx));
+            // The control listener is for operators on a private address: plain HTTP.
+            let ctl = crate::listen::serve(l, app, &args.limits, None, stopped(stop_rx));
             let (a, b) = tokio::join!(public, ctl);
             a.context("serve HTTP")?;
             b.context("serve control API")?;

@@ -44,3 +44,31 @@ pub fn short_random_id() -> String {
     let b = uuid::Uuid::new_v4().into_bytes();
     format!("{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }
+
+/// A TLS client certificate the listener verified against its client CA (mTLS). The
+/// listener attaches it to each request of the connection; the gateway requires it on
+/// `auth = "mtls"` routes and hands it to functions as API Gateway does
+/// (`requestContext.authentication.clientCert`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientCert {
+    #[serde(rename = "subjectDN")]
+    pub subject_dn: String,
+    #[serde(rename = "issuerDN")]
+    pub issuer_dn: String,
+    #[serde(rename = "serialNumber")]
+    pub serial_number: String,
+    /// SHA-256 of the DER certificate, lower-case hex.
+    #[serde(rename = "fingerprintSha256")]
+    pub fingerprint_sha256: String,
+    #[serde(rename = "clientCertPem")]
+    pub pem: String,
+    pub validity: CertValidity,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertValidity {
+    #[serde(rename = "notBefore")]
+    pub not_before: String,
+    #[serde(rename = "notAfter")]
+    pub not_after: String,
+}

@@ -461,18 +461,6 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         }) {
             return Err(err(&field("scopes"), format!("`{bad}` is not a scope")));
         }
-        if matches!(auth, AuthKind::Mtls) {
-            return Err(err(
-                &field("auth"),
-                format!(
-                    "`{}` routes are not available yet in this build; use auth = \"none\", \"api_key\" or \"jwt\"",
-                    serde_json::to_value(auth)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                ),
-            ));
-        }
         let cors = r
             .cors
             .map(crate::route_options::parse_cors)

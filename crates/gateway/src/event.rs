@@ -26,6 +26,8 @@ pub struct EventInput<'a> {
     pub strip_credentials: bool,
     /// `requestContext.authorizer`, when the route authenticated its caller.
     pub authorizer: Option<Value>,
+    /// `requestContext.authentication` (the verified mTLS client certificate).
+    pub authentication: Option<Value>,
 }
 
 /// Builds the event exactly as API Gateway would: lower-case headers with duplicates
@@ -123,8 +125,13 @@ pub fn build_event(i: &EventInput<'_>) -> Value {
             "timeEpoch": now.timestamp_millis(),
         }),
     );
-    if let (Some(a), Some(Value::Object(rc))) = (&i.authorizer, ev.get_mut("requestContext")) {
-        rc.insert("authorizer".into(), a.clone());
+    if let Some(Value::Object(rc)) = ev.get_mut("requestContext") {
+        if let Some(a) = &i.authorizer {
+            rc.insert("authorizer".into(), a.clone());
+        }
+        if let Some(a) = &i.authentication {
+            rc.insert("authentication".into(), a.clone());
+        }
     }
     if !i.body.is_empty() {
         ev.insert("body".into(), json!(body));
@@ -262,6 +269,7 @@ mod tests {
             protocol: "HTTP/1.1",
             strip_credentials: false,
             authorizer: None,
+            authentication: None,
         }
     }
 

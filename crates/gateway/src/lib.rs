@@ -216,15 +216,24 @@ async fn serve_route(
                 }
             }
         }
-        // Refused at deploy until it exists; refuse here too, whatever is stored.
+        // The listener verified the certificate against the client CA; no
+        // certificate (or no TLS at all) means no caller.
         AuthKind::Mtls => {
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this route's authentication is not available",
-            );
+            if parts.extensions.get::<nimbus_core::ClientCert>().is_none() {
+                observe::auth_failure(&route_key, 401);
+                return error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid client certificate is required",
+                );
+            }
+            None
         }
     };
+    let authentication = parts
+        .extensions
+        .get::<nimbus_core::ClientCert>()
+        .map(|c| serde_json::json!({"clientCert": c}));
     let authorizer = caller.as_ref().map(|c| match c {
         Caller::Key(k) => serde_json::json!({"apiKey": {"id": k.key_id, "name": k.key_name}}),
         // API Gateway's shape for JWT authorizers.
@@ -249,6 +258,7 @@ async fn serve_route(
         // (API Gateway passes it through too).
         strip_credentials: matches!(caller, Some(Caller::Key(_))),
         authorizer,
+        authentication,
     });
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => p,

@@ -100,6 +100,7 @@ impl Server {
             .unwrap_or_else(|| panic!("serve printed nothing; stderr: {}", read(&stderr_log)));
         let addr = first
             .strip_prefix("nimbus listening on http://")
+            .or_else(|| first.strip_prefix("nimbus listening on https://"))
             .unwrap_or_else(|| panic!("unexpected first line `{first}`"))
             .to_string();
         let control_addr = extra.contains(&"--control-listen").then(|| {
