@@ -115,6 +115,28 @@ fn mtls_routes_admit_only_certificates_from_the_client_ca() {
     let r = plain.get(format!("http://{}/plain", s.addr)).send();
     assert!(r.is_err() || !r.expect("r").status().is_success());
 
+    // HTTP/2 is negotiated by ALPN (curl, built with nghttp2, as a second client).
+    let o = std::process::Command::new("curl")
+        .args([
+            "--http2",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            "--cacert",
+        ])
+        .arg(fixture("tls").join("ca.pem"))
+        .arg(https(&s, "/plain"))
+        .output()
+        .expect("run curl (.ci/run installs it)");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "2",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
     // The control API stays on its own plain listener.
     assert_eq!(
         s.admin(reqwest::Method::GET, "/v1/functions")
