@@ -279,7 +279,7 @@ async fn serve_route(
             target: Target::Alias(found.entry.alias.clone()),
             trigger: Trigger::Http,
             payload: payload.into(),
-            trace: Some(observe::traceparent(&parts.headers)),
+            trace: observe::traceparent(&parts.headers),
         })
         .await;
     let outcome = match outcome {
