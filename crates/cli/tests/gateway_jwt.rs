@@ -191,16 +191,7 @@ fn jwt_configuration_errors_stop_the_server_with_one_line() {
             "read JWKS file",
         ),
     ] {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let o = std::process::Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path())
-            .args(&args)
-            .output()
-            .expect("run");
-        assert!(!o.status.success(), "{args:?} started");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(want), "{args:?}: {err}");
+        serve_refuses(&args, want);
     }
 }
 

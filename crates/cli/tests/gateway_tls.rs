@@ -149,39 +149,18 @@ fn mtls_routes_admit_only_certificates_from_the_client_ca() {
 
 #[test]
 fn tls_configuration_errors_stop_the_server() {
-    for (args, want) in [
-        (
-            vec![
-                "--tls-cert",
-                "/nonexistent.pem",
-                "--tls-key",
-                "/nonexistent.key",
-            ],
-            "read TLS certificate",
-        ),
-        (
-            vec![
-                "--tls-cert",
-                &tls("server.pem") as &str,
-                "--tls-key",
-                &tls("client.key") as &str,
-            ],
-            "do not match",
-        ),
-    ]
-    .iter()
-    .map(|(a, w)| (a.iter().map(|s| s.to_string()).collect::<Vec<_>>(), *w))
-    .collect::<Vec<_>>()
-    {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let o = std::process::Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path())
-            .args(&args)
-            .output()
-            .expect("run");
-        assert!(!o.status.success(), "{args:?} started");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains(want), "{args:?}: {err}");
-    }
+    serve_refuses(
+        &[
+            "--tls-cert",
+            "/nonexistent.pem",
+            "--tls-key",
+            "/nonexistent.key",
+        ],
+        "read TLS certificate",
+    );
+    let (cert, wrong_key) = (tls("server.pem"), tls("client.key"));
+    serve_refuses(
+        &["--tls-cert", &cert, "--tls-key", &wrong_key],
+        "do not match",
+    );
 }

@@ -327,3 +327,18 @@ pub fn gzip(raw: &[u8]) -> Vec<u8> {
     e.write_all(raw).expect("gzip");
     e.finish().expect("gzip")
 }
+
+/// Runs `serve` with `args` on a fresh data dir and checks it refuses to start, saying
+/// `want` on stderr.
+pub fn serve_refuses(args: &[&str], want: &str) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let o = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path())
+        .args(args)
+        .output()
+        .expect("run serve");
+    assert!(!o.status.success(), "{args:?} started");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(want), "{args:?}: {err}");
+}
