@@ -2,7 +2,8 @@
 //! client of its control API.
 //!
 //! Owns: reading flags, env (`NIMBUS_*`) and files for configuration, wiring the
-//! components together in `serve` (and their shutdown), and the CLI verbs. It is the
+//! components together in `serve` (and their shutdown), the HTTP listeners (`listen`,
+//! `tls`), JWT key loading (`jwks`), and the CLI verbs. It is the
 //! only crate that reads configuration; components receive plain config structs.
 //!
 //! The hidden `__sandbox-init` verb is the child side of the sandbox; it is dispatched

@@ -1,12 +1,16 @@
 //! nimbus-gateway: the data-plane HTTP entry point for functions.
 //!
-//! Owns: matching a request against the route table, turning it into an API Gateway
-//! HTTP API payload 2.0 event, invoking the function through [`Invoker`], and mapping the
-//! function's answer back to an HTTP response (Lambda's proxy-integration rules).
+//! Owns: matching a request against the route table, what a route demands of its
+//! callers (CORS, rate limits per client, route and key, API keys, JWTs, mTLS client
+//! certificates), turning the request into an API Gateway HTTP API payload 2.0 event,
+//! invoking the function through [`Invoker`], mapping the function's answer back to an
+//! HTTP response (Lambda's proxy-integration rules), and the gateway's metrics and
+//! access log.
 //!
-//! Must not touch: the store, instances or the control API. It sees routes only as
-//! `watch` snapshots of a [`RouteTable`] that `cli::serve` builds from the store's change
-//! feed, and functions only through `Arc<dyn Invoker>`.
+//! Must not touch: the store, instances, the control API, sockets or TLS. It sees
+//! routes, API keys and JWT keys only as `watch` snapshots that `cli` builds (from the
+//! store's change feed, a JWKS), client certificates only as the [`nimbus_core::ClientCert`]
+//! the listener attached, and functions only through `Arc<dyn Invoker>`.
 #![forbid(unsafe_code)]
 
 mod auth;
