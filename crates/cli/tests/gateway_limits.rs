@@ -257,3 +257,48 @@ fn routes_can_be_added_and_removed_outside_manifests() {
         404
     );
 }
+
+#[test]
+fn a_route_timeout_answers_504_before_the_functions_own() {
+    let s = Server::start();
+    s.ok(&["deploy", fixture("timeout-py").to_str().expect("path")]);
+    let http = s.http();
+    assert_eq!(
+        http.get(s.url("/quick?sleep=0"))
+            .send()
+            .expect("get")
+            .status(),
+        200
+    );
+    let started = std::time::Instant::now();
+    let r = http.get(s.url("/quick?sleep=2")).send().expect("get");
+    let took = started.elapsed();
+    assert_eq!(r.status(), 504);
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    let body: serde_json::Value = r.json().expect("json");
+    assert_eq!(body["error"]["code"], "timeout");
+    // The function's own timeout still governs its other route.
+    assert_eq!(
+        http.get(s.url("/patient?sleep=1"))
+            .send()
+            .expect("get")
+            .status(),
+        200
+    );
+    // A route timeout over the function's is refused at deploy.
+    let tmp = tempfile::tempdir().expect("tmp");
+    copy_dir(&fixture("timeout-py"), tmp.path());
+    let manifest = std::fs::read_to_string(tmp.path().join("nimbus.toml")).expect("read");
+    std::fs::write(
+        tmp.path().join("nimbus.toml"),
+        manifest.replace("700ms", "9s"),
+    )
+    .expect("write");
+    let o = s.cli(&["deploy", tmp.path().to_str().expect("path")]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("http[0].timeout"),
+        "{}",
+        stderr_of(&o)
+    );
+}

@@ -221,6 +221,7 @@ struct RawRoute {
     rate: Option<String>,
     rate_per_ip: Option<String>,
     scopes: Option<Vec<String>>,
+    timeout: Option<toml::Value>,
 }
 
 pub const METHODS: &[&str] = &[
@@ -470,11 +471,27 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             crate::route_options::parse_route_rate(r.rate).map_err(|m| err(&field("rate"), m))?;
         let rate_per_ip = crate::route_options::parse_route_rate(r.rate_per_ip)
             .map_err(|m| err(&field("rate_per_ip"), m))?;
+        let route_timeout_ms = match &r.timeout {
+            None => None,
+            Some(v) => {
+                let ms = duration_value_ms(v).map_err(|m| err(&field("timeout"), m))?;
+                if ms == 0 || ms > timeout_ms {
+                    return Err(err(
+                        &field("timeout"),
+                        format!(
+                            "must be more than 0 and at most the function's timeout ({timeout_ms} ms)"
+                        ),
+                    ));
+                }
+                Some(ms)
+            }
+        };
         let options = crate::route_options::RouteOptions {
             cors,
             rate,
             rate_per_ip,
             scopes,
+            timeout_ms: route_timeout_ms,
         };
         let spec = RouteSpec {
             method,

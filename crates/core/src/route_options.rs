@@ -18,6 +18,10 @@ pub struct RouteOptions {
     /// OAuth scopes a JWT must carry for `auth = "jwt"`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
+    /// How long the gateway waits for the function (at most the function's timeout;
+    /// the function itself runs on to its own deadline, as behind API Gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 impl RouteOptions {

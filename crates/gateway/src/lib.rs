@@ -275,17 +275,27 @@ async fn serve_route(
         }
     };
     let function = found.entry.function.clone();
-    let outcome = st
-        .invoker
-        .invoke(InvokeRequest {
-            request_id: request_id.to_string(),
-            function: function.clone(),
-            target: Target::Alias(found.entry.alias.clone()),
-            trigger: Trigger::Http,
-            payload: payload.into(),
-            trace: observe::traceparent(&parts.headers),
-        })
-        .await;
+    let call = st.invoker.invoke(InvokeRequest {
+        request_id: request_id.to_string(),
+        function: function.clone(),
+        target: Target::Alias(found.entry.alias.clone()),
+        trigger: Trigger::Http,
+        payload: payload.into(),
+        trace: observe::traceparent(&parts.headers),
+    });
+    let outcome = match found.entry.options.timeout_ms {
+        None => call.await,
+        Some(ms) => match tokio::time::timeout(std::time::Duration::from_millis(ms), call).await {
+            Ok(o) => o,
+            Err(_) => {
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    &format!("the route's timeout of {ms} ms passed"),
+                );
+            }
+        },
+    };
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => return invoke_error_response(&e),
