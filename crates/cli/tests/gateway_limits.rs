@@ -277,6 +277,54 @@ fn a_route_timeout_answers_504_before_the_functions_own() {
     assert!(took < Duration::from_millis(1500), "took {took:?}");
     let body: serde_json::Value = r.json().expect("json");
     assert_eq!(body["error"]["code"], "timeout");
+    // The invocation was not cut short: it finishes and is recorded as a success.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = s.json(&["usage", "--function", "timeouty"]);
+        let rows = usage["usage"].as_array().cloned().unwrap_or_default();
+        let n = rows
+            .first()
+            .and_then(|r| r["invocations"].as_u64())
+            .unwrap_or(0);
+        let errors = rows
+            .first()
+            .and_then(|r| r["errors"].as_u64())
+            .unwrap_or(99);
+        if n == 2 {
+            assert_eq!(errors, 0, "{usage}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{usage}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let idle = s.json(&["instances", "timeouty"]);
+    assert!(
+        idle.as_array()
+            .is_some_and(|l| l.iter().all(|i| i["state"] == "idle")),
+        "{idle}"
+    );
+    // A client that hangs up mid-invocation does not cancel it either.
+    {
+        let mut c = connect(&s);
+        c.write_all(b"GET /patient?sleep=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = s.json(&["usage", "--function", "timeouty"]);
+        let n = usage["usage"][0]["invocations"].as_u64().unwrap_or(0);
+        let busy = s
+            .json(&["instances", "timeouty"])
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["state"] != "idle"));
+        if n == 3 && !busy {
+            assert_eq!(usage["usage"][0]["errors"], 0, "{usage}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{usage}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The function's own timeout still governs its other route.
     assert_eq!(
         http.get(s.url("/patient?sleep=1"))

@@ -275,26 +275,32 @@ async fn serve_route(
         }
     };
     let function = found.entry.function.clone();
-    let call = st.invoker.invoke(InvokeRequest {
+    let req = InvokeRequest {
         request_id: request_id.to_string(),
         function: function.clone(),
         target: Target::Alias(found.entry.alias.clone()),
         trigger: Trigger::Http,
         payload: payload.into(),
         trace: observe::traceparent(&parts.headers),
-    });
+    };
     let outcome = match found.entry.options.timeout_ms {
-        None => call.await,
-        Some(ms) => match tokio::time::timeout(std::time::Duration::from_millis(ms), call).await {
-            Ok(o) => o,
-            Err(_) => {
-                return error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    &format!("the route's timeout of {ms} ms passed"),
-                );
+        None => st.invoker.invoke(req).await,
+        // Giving up on the answer does not cancel the invocation: the worker runs each
+        // in its own task (its instance, slot and record stay the worker's).
+        Some(ms) => {
+            match tokio::time::timeout(std::time::Duration::from_millis(ms), st.invoker.invoke(req))
+                .await
+            {
+                Ok(o) => o,
+                Err(_) => {
+                    return error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        &format!("the route's timeout of {ms} ms passed"),
+                    );
+                }
             }
-        },
+        }
     };
     let outcome = match outcome {
         Ok(o) => o,

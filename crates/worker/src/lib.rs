@@ -165,7 +165,14 @@ impl Worker {
 
 impl Invoker for Worker {
     fn invoke(&self, req: InvokeRequest) -> BoxFuture<'_, Result<InvokeOutcome, InvokeError>> {
-        Box::pin(self.inner.clone().invoke(req))
+        // Its own task: a caller that goes away (a client hanging up, a route timeout)
+        // must not cancel an invocation halfway, which would drop a busy instance
+        // without retiring it and lose the record. Lambda, too, runs it to the end.
+        let run = tokio::spawn(self.inner.clone().invoke(req));
+        Box::pin(async move {
+            run.await
+                .unwrap_or_else(|e| Err(InvokeError::Internal(format!("invocation task: {e}"))))
+        })
     }
 
     fn evict(&self, function: &str) -> BoxFuture<'_, usize> {
