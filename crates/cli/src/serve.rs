@@ -177,8 +177,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let maintainer = worker.spawn_maintainer();
     let invoker: Arc<dyn Invoker> = worker.clone();
 
-    let routes_rx = spawn_feed(Arc::clone(&store), "routes", build_routes).await?;
-    let keys_rx = spawn_feed(Arc::clone(&store), "api keys", build_keys).await?;
+    let (routes_rx, routes_gen) = spawn_feed(Arc::clone(&store), "routes", build_routes).await?;
+    let (keys_rx, keys_gen) = spawn_feed(Arc::clone(&store), "api keys", build_keys).await?;
     let jwt_rx = crate::jwks::spawn(&args).await?;
 
     let control = nimbus_control::router(Arc::new(nimbus_control::ControlState {
@@ -189,6 +189,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         unpack_limits: nimbus_artifacts::Limits::default(),
         max_payload: nimbus_core::MAX_PAYLOAD_BYTES,
         metering: Arc::clone(&recorder),
+        applied: vec![routes_gen, keys_gen],
     }));
     let gateway = nimbus_gateway::router(nimbus_gateway::GatewayState {
         routes: routes_rx,
@@ -307,21 +308,27 @@ async fn shutdown_signal() {
 }
 
 /// Turns the store's change counter into snapshots for the gateway (route table, live
-/// API keys): built once now, rebuilt after every change, swapped in whole.
+/// API keys): built once now, rebuilt after every change, swapped in whole. The second
+/// receiver tells which store generation the current snapshot reflects.
 async fn spawn_feed<T: Send + Sync + 'static>(
     store: Arc<nimbus_store::Store>,
     what: &'static str,
     build: fn(&nimbus_store::Store) -> anyhow::Result<T>,
-) -> anyhow::Result<watch::Receiver<Arc<T>>> {
+) -> anyhow::Result<(watch::Receiver<Arc<T>>, watch::Receiver<u64>)> {
+    let mut changes = store.subscribe();
+    let first_gen = *changes.borrow_and_update();
     let initial = build(&store)?;
     let (tx, rx) = watch::channel(Arc::new(initial));
-    let mut changes = store.subscribe();
+    let (gen_tx, gen_rx) = watch::channel(first_gen);
     tokio::spawn(async move {
         while changes.changed().await.is_ok() {
+            // Read the generation before building: the snapshot reflects at least it.
+            let generation = *changes.borrow_and_update();
             let s = Arc::clone(&store);
             match tokio::task::spawn_blocking(move || build(&s)).await {
                 Ok(Ok(snapshot)) => {
                     let _ = tx.send(Arc::new(snapshot));
+                    let _ = gen_tx.send(generation);
                 }
                 Ok(Err(e)) => {
                     tracing::error!(what, error = %format!("{e:#}"), "snapshot rebuild failed")
@@ -330,7 +337,7 @@ async fn spawn_feed<T: Send + Sync + 'static>(
             }
         }
     });
-    Ok(rx)
+    Ok((rx, gen_rx))
 }
 
 fn build_routes(store: &nimbus_store::Store) -> anyhow::Result<RouteTable> {

@@ -53,6 +53,10 @@ pub struct ControlState {
     /// Invocation records, logs and the usage queries over them.
     pub metering: Arc<nimbus_store::Recorder>,
     pub max_payload: usize,
+    /// The store generation each gateway snapshot (routes, API keys) has caught up
+    /// with. A change is acknowledged only once they reflect it, so a route works and
+    /// a revoked key is refused the moment the CLI says so.
+    pub applied: Vec<tokio::sync::watch::Receiver<u64>>,
 }
 
 pub fn token_digest(token: &str) -> [u8; 32] {
@@ -86,11 +90,37 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/logs", get(metering::logs))
         .route("/v1/invocations/{request_id}", get(metering::invocation))
         .route("/v1/{*rest}", axum::routing::any(unknown_path))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), settle))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_admin,
         ))
         .with_state(state)
+}
+
+/// How long a change waits for the gateway's snapshots before it is acknowledged anyway.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// After a successful change, waits until every snapshot has caught up with it.
+async fn settle(State(st): State<Arc<ControlState>>, req: Request, next: Next) -> Response {
+    let changes = !matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+    let resp = next.run(req).await;
+    if changes && resp.status().is_success() {
+        let want = *st.store.subscribe().borrow();
+        for rx in &st.applied {
+            let mut rx = rx.clone();
+            if tokio::time::timeout(SETTLE_TIMEOUT, rx.wait_for(|g| *g >= want))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    want,
+                    "a gateway snapshot lags the store; acknowledging anyway"
+                );
+            }
+        }
+    }
+    resp
 }
 
 async fn require_admin(State(st): State<Arc<ControlState>>, req: Request, next: Next) -> Response {
