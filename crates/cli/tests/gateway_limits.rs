@@ -278,25 +278,7 @@ fn a_route_timeout_answers_504_before_the_functions_own() {
     let body: serde_json::Value = r.json().expect("json");
     assert_eq!(body["error"]["code"], "timeout");
     // The invocation was not cut short: it finishes and is recorded as a success.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let usage = s.json(&["usage", "--function", "timeouty"]);
-        let rows = usage["usage"].as_array().cloned().unwrap_or_default();
-        let n = rows
-            .first()
-            .and_then(|r| r["invocations"].as_u64())
-            .unwrap_or(0);
-        let errors = rows
-            .first()
-            .and_then(|r| r["errors"].as_u64())
-            .unwrap_or(99);
-        if n == 2 {
-            assert_eq!(errors, 0, "{usage}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{usage}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    settled_usage(&s, "timeouty", 2);
     let idle = s.json(&["instances", "timeouty"]);
     assert!(
         idle.as_array()
@@ -310,21 +292,7 @@ fn a_route_timeout_answers_504_before_the_functions_own() {
             .expect("write");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let usage = s.json(&["usage", "--function", "timeouty"]);
-        let n = usage["usage"][0]["invocations"].as_u64().unwrap_or(0);
-        let busy = s
-            .json(&["instances", "timeouty"])
-            .as_array()
-            .is_some_and(|l| l.iter().any(|i| i["state"] != "idle"));
-        if n == 3 && !busy {
-            assert_eq!(usage["usage"][0]["errors"], 0, "{usage}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{usage}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    settled_usage(&s, "timeouty", 3);
     // The function's own timeout still governs its other route.
     assert_eq!(
         http.get(s.url("/patient?sleep=1"))
@@ -349,4 +317,24 @@ fn a_route_timeout_answers_504_before_the_functions_own() {
         "{}",
         stderr_of(&o)
     );
+}
+
+/// Waits until `function` has `n` recorded invocations, none failed, and no instance
+/// busy: every call ran to its end and was metered.
+fn settled_usage(s: &Server, function: &str, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = s.json(&["usage", "--function", function]);
+        let row = &usage["usage"][0];
+        let busy = s
+            .json(&["instances", function])
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["state"] != "idle"));
+        if row["invocations"].as_u64() == Some(n) && !busy {
+            assert_eq!(row["errors"], 0, "{usage}");
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{usage}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

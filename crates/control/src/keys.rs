@@ -15,11 +15,7 @@ use crate::{ApiError, ControlState, blocking, parse_json, read_body};
 /// Longest key lifetime accepted: ten years.
 const MAX_LIFETIME_MS: i64 = 10 * 366 * 86_400_000;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use nimbus_core::now_ms;
 
 /// Checks a creation request and turns it into the stored record (without the key).
 fn validate(req: &CreateKeyRequest, id: String, now: i64) -> Result<ApiKeyInfo, ApiError> {

@@ -38,6 +38,13 @@ pub fn new_request_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Unix time in milliseconds (0 before 1970, saturating far in the future).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Eight random hex digits, for names that must not repeat (instance ids). Not a
 /// request id prefix: those are time-ordered and repeat within a second.
 pub fn short_random_id() -> String {

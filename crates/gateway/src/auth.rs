@@ -34,7 +34,8 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn unauthorized(message: &str) -> Response {
+/// 401 with the JSON error body and a Bearer challenge, for every credential refusal.
+pub(crate) fn unauthorized(message: &str) -> Response {
     let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
     r.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,

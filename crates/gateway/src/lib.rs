@@ -135,7 +135,8 @@ async fn dispatch(
             &format!("no route matches {method} {raw_path}"),
         );
     };
-    *route_label = found.entry.route_key();
+    let route_key = found.entry.route_key();
+    route_label.clone_from(&route_key);
     let allow = found
         .entry
         .options
@@ -143,7 +144,7 @@ async fn dispatch(
         .as_ref()
         .map(|c| cors::allow_headers(c, &parts.headers))
         .unwrap_or_default();
-    let mut resp = serve_route(st, &found, parts, body, request_id, &method, &raw_path).await;
+    let mut resp = serve_route(st, &found, &route_key, parts, body, request_id).await;
     let h = resp.headers_mut();
     for (n, v) in allow {
         h.insert(n, v);
@@ -154,36 +155,26 @@ async fn dispatch(
 async fn serve_route(
     st: &GatewayState,
     found: &nimbus_core::routes::RouteMatch<'_>,
+    route_key: &str,
     parts: http::request::Parts,
     body: Body,
     request_id: &str,
-    method: &str,
-    raw_path: &str,
 ) -> Response {
     let source_ip = client_ip(&parts.extensions);
+    let (method, raw_path) = (parts.method.as_str(), parts.uri.path());
     // Per client first: it bounds what one address can spend on guessing keys.
-    let route_key = found.entry.route_key();
     let mut rate_headers = Vec::new();
-    if let Some(rate) = found.entry.options.rate_per_ip {
-        match st
-            .limiters
-            .take(&format!("ip:{route_key}:{source_ip}"), rate, "client")
-        {
+    let opts = &found.entry.options;
+    for (rate, limit) in [(opts.rate_per_ip, "client"), (opts.rate, "route")] {
+        let Some(rate) = rate else { continue };
+        let bucket = match limit {
+            "client" => format!("ip:{route_key}:{source_ip}"),
+            _ => format!("route:{route_key}"),
+        };
+        match st.limiters.take(&bucket, rate, limit) {
             Ok(h) => rate_headers = h,
             Err(r) => {
-                observe::throttled(&route_key, "client");
-                return *r;
-            }
-        }
-    }
-    if let Some(rate) = found.entry.options.rate {
-        match st
-            .limiters
-            .take(&format!("route:{route_key}"), rate, "route")
-        {
-            Ok(h) => rate_headers = h,
-            Err(r) => {
-                observe::throttled(&route_key, "route");
+                observe::throttled(route_key, limit);
                 return *r;
             }
         }
@@ -198,13 +189,13 @@ async fn serve_route(
                 &st.limiters,
                 &parts.headers,
                 &found.entry.function,
-                now_ms(),
+                nimbus_core::now_ms(),
             ) {
                 Ok(c) => Some(Caller::Key(c)),
                 Err(resp) => {
                     match resp.status().as_u16() {
-                        429 => observe::throttled(&route_key, "key"),
-                        s => observe::auth_failure(&route_key, s),
+                        429 => observe::throttled(route_key, "key"),
+                        s => observe::auth_failure(route_key, s),
                     }
                     return *resp;
                 }
@@ -215,7 +206,7 @@ async fn serve_route(
             match check_jwt(cfg.as_deref(), &parts.headers, &found.entry.options.scopes) {
                 Ok(v) => Some(Caller::Jwt(v)),
                 Err(resp) => {
-                    observe::auth_failure(&route_key, resp.status().as_u16());
+                    observe::auth_failure(route_key, resp.status().as_u16());
                     return *resp;
                 }
             }
@@ -224,7 +215,7 @@ async fn serve_route(
         // certificate (or no TLS at all) means no caller.
         AuthKind::Mtls => {
             if parts.extensions.get::<nimbus_core::ClientCert>().is_none() {
-                observe::auth_failure(&route_key, 401);
+                observe::auth_failure(route_key, 401);
                 return error_response(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -249,7 +240,7 @@ async fn serve_route(
     };
     let event = build_event(&EventInput {
         request_id,
-        route_key: &route_key,
+        route_key,
         method,
         raw_path,
         raw_query: parts.uri.query().unwrap_or(""),
@@ -413,14 +404,7 @@ fn check_jwt(
     headers: &http::HeaderMap,
     required: &[String],
 ) -> Result<jwt::Verified, Box<Response>> {
-    let unauthorized = |m: &str| {
-        let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", m);
-        r.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"nimbus\""),
-        );
-        Box::new(r)
-    };
+    let unauthorized = |m: &str| Box::new(auth::unauthorized(m));
     let token = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -447,12 +431,6 @@ fn check_jwt(
             "the token lacks a scope this route requires",
         )),
     })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn version_str(v: http::Version) -> &'static str {

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use nimbus_core::{
     InstanceInfo, InvocationRecord, InvokeOutcome, InvokeRequest, InvokeStatus, RecordSink,
@@ -45,9 +44,7 @@ impl InstanceState {
 
 /// Unix time in milliseconds, for [`record`]'s `started_at_ms`.
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    nimbus_core::now_ms()
 }
 
 /// The metering record of a finished invocation. Billing is Lambda's: handler time
