@@ -31,7 +31,7 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use nimbus_core::api::ErrorBody;
 use nimbus_core::keys::KeySet;
-use nimbus_core::routes::RouteTable;
+use nimbus_core::routes::{RouteEntry, RouteTable};
 use nimbus_core::{AuthKind, InvokeError, InvokeRequest, InvokeStatus, Invoker, Target, Trigger};
 use tokio::sync::watch;
 
@@ -152,19 +152,41 @@ async fn dispatch(
     resp
 }
 
-async fn serve_route(
+/// What a route let through: who called (when it asks), and the `RateLimit-*`
+/// headers of the tightest limit the request passed.
+pub(crate) struct Admitted {
+    pub caller: Option<Caller>,
+    pub rate_headers: limits::RateHeaders,
+}
+
+impl Admitted {
+    /// `requestContext.authorizer` for the function: API Gateway's shapes.
+    fn authorizer(&self) -> Option<serde_json::Value> {
+        self.caller.as_ref().map(|c| match c {
+            Caller::Key(k) => serde_json::json!({"apiKey": {"id": k.key_id, "name": k.key_name}}),
+            Caller::Jwt(v) => serde_json::json!({"jwt": {"claims": v.claims, "scopes": v.scopes}}),
+        })
+    }
+
+    /// An API key is a nimbus credential, kept from whatever the route reaches; a JWT
+    /// is the caller's, often relayed on (API Gateway passes it through too).
+    fn strips_credentials(&self) -> bool {
+        matches!(self.caller, Some(Caller::Key(_)))
+    }
+}
+
+/// Everything a route demands before its target sees a byte: the per-client and
+/// per-route buckets, then its authentication. A refusal is the finished response.
+pub(crate) async fn admit(
     st: &GatewayState,
-    found: &nimbus_core::routes::RouteMatch<'_>,
+    entry: &RouteEntry,
     route_key: &str,
-    parts: http::request::Parts,
-    body: Body,
-    request_id: &str,
-) -> Response {
+    parts: &http::request::Parts,
+) -> Result<Admitted, Response> {
     let source_ip = client_ip(&parts.extensions);
-    let (method, raw_path) = (parts.method.as_str(), parts.uri.path());
     // Per client first: it bounds what one address can spend on guessing keys.
     let mut rate_headers = Vec::new();
-    let opts = &found.entry.options;
+    let opts = &entry.options;
     for (rate, limit) in [(opts.rate_per_ip, "client"), (opts.rate, "route")] {
         let Some(rate) = rate else { continue };
         let bucket = match limit {
@@ -175,12 +197,11 @@ async fn serve_route(
             Ok(h) => rate_headers = h,
             Err(r) => {
                 observe::throttled(route_key, limit);
-                return *r;
+                return Err(*r);
             }
         }
     }
-    // Credentials before the body: a refused caller never gets to upload anything.
-    let caller = match found.entry.auth {
+    let caller = match entry.auth {
         AuthKind::None => None,
         AuthKind::ApiKey => {
             let keys = st.keys.borrow().clone();
@@ -188,26 +209,31 @@ async fn serve_route(
                 &keys,
                 &st.limiters,
                 &parts.headers,
-                &found.entry.function,
+                &entry.function,
                 nimbus_core::now_ms(),
             ) {
-                Ok(c) => Some(Caller::Key(c)),
+                Ok(mut c) => {
+                    if !c.rate_headers.is_empty() {
+                        rate_headers = std::mem::take(&mut c.rate_headers);
+                    }
+                    Some(Caller::Key(c))
+                }
                 Err(resp) => {
                     match resp.status().as_u16() {
                         429 => observe::throttled(route_key, "key"),
                         s => observe::auth_failure(route_key, s),
                     }
-                    return *resp;
+                    return Err(*resp);
                 }
             }
         }
         AuthKind::Jwt => {
             let cfg = st.jwt.borrow().clone();
-            match check_jwt(cfg.as_deref(), &parts.headers, &found.entry.options.scopes) {
+            match check_jwt(cfg.as_deref(), &parts.headers, &entry.options.scopes) {
                 Ok(v) => Some(Caller::Jwt(v)),
                 Err(resp) => {
                     observe::auth_failure(route_key, resp.status().as_u16());
-                    return *resp;
+                    return Err(*resp);
                 }
             }
         }
@@ -216,43 +242,75 @@ async fn serve_route(
         AuthKind::Mtls => {
             if parts.extensions.get::<nimbus_core::ClientCert>().is_none() {
                 observe::auth_failure(route_key, 401);
-                return error_response(
+                return Err(error_response(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "a valid client certificate is required",
-                );
+                ));
             }
             None
         }
     };
-    let authentication = parts
-        .extensions
-        .get::<nimbus_core::ClientCert>()
-        .map(|c| serde_json::json!({"clientCert": c}));
-    let authorizer = caller.as_ref().map(|c| match c {
-        Caller::Key(k) => serde_json::json!({"apiKey": {"id": k.key_id, "name": k.key_name}}),
-        // API Gateway's shape for JWT authorizers.
-        Caller::Jwt(v) => serde_json::json!({"jwt": {"claims": v.claims, "scopes": v.scopes}}),
-    });
+    Ok(Admitted {
+        caller,
+        rate_headers,
+    })
+}
+
+async fn serve_route(
+    st: &GatewayState,
+    found: &nimbus_core::routes::RouteMatch<'_>,
+    route_key: &str,
+    parts: http::request::Parts,
+    body: Body,
+    request_id: &str,
+) -> Response {
+    // Credentials before the body: a refused caller never gets to upload anything.
+    let admitted = match admit(st, found.entry, route_key, &parts).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
     let body = match read_limited(body, st.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    let mut resp =
+        invoke_function(st, found, route_key, &parts, &body, &admitted, request_id).await;
+    for (name, value) in admitted.rate_headers {
+        resp.headers_mut().insert(name, value);
+    }
+    resp
+}
+
+/// The route's function called with the request as a payload 2.0 event, and its
+/// answer mapped back to HTTP (Lambda's proxy-integration rules).
+async fn invoke_function(
+    st: &GatewayState,
+    found: &nimbus_core::routes::RouteMatch<'_>,
+    route_key: &str,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    admitted: &Admitted,
+    request_id: &str,
+) -> Response {
+    let source_ip = client_ip(&parts.extensions);
+    let authentication = parts
+        .extensions
+        .get::<nimbus_core::ClientCert>()
+        .map(|c| serde_json::json!({"clientCert": c}));
     let event = build_event(&EventInput {
         request_id,
         route_key,
-        method,
-        raw_path,
+        method: parts.method.as_str(),
+        raw_path: parts.uri.path(),
         raw_query: parts.uri.query().unwrap_or(""),
         headers: &parts.headers,
         path_params: &found.params,
-        body: &body,
+        body,
         source_ip: &source_ip,
         protocol: version_str(parts.version),
-        // An API key is a nimbus credential; a JWT is the caller's, often relayed on
-        // (API Gateway passes it through too).
-        strip_credentials: matches!(caller, Some(Caller::Key(_))),
-        authorizer,
+        strip_credentials: admitted.strips_credentials(),
+        authorizer: admitted.authorizer(),
         authentication,
     });
     let payload = match serde_json::to_vec(&event) {
@@ -325,19 +383,6 @@ async fn serve_route(
     if let Ok(v) = HeaderValue::from_str(&outcome.version.to_string()) {
         h.insert("x-nimbus-version", v);
     }
-    // The tightest limit the request passed last: the key's, else the route's.
-    let key_headers = match caller {
-        Some(Caller::Key(c)) => c.rate_headers,
-        _ => Vec::new(),
-    };
-    let shown = if key_headers.is_empty() {
-        rate_headers
-    } else {
-        key_headers
-    };
-    for (name, value) in shown {
-        h.insert(name, value);
-    }
     resp
 }
 
@@ -394,7 +439,7 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
 }
 
 /// Who a protected route let through.
-enum Caller {
+pub(crate) enum Caller {
     Key(auth::Caller),
     Jwt(jwt::Verified),
 }
