@@ -19,6 +19,9 @@ pub enum KeysCmd {
         /// Token bucket: 50/s, 600/m, 10/s:20 (burst 20).
         #[arg(long)]
         rate: Option<String>,
+        /// Requests per UTC calendar day or month: 10000/day, 250000/month.
+        #[arg(long)]
+        quota: Option<String>,
         /// Lifetime, e.g. 30d or 12h (default: until revoked).
         #[arg(long)]
         expires: Option<String>,
@@ -36,6 +39,7 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
             name,
             scopes,
             rate,
+            quota,
             expires,
         } => {
             let created: CreatedKey = api.json(api.req(reqwest::Method::POST, "/v1/keys").json(
@@ -43,6 +47,7 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
                     name: name.clone(),
                     scopes: scopes.clone(),
                     rate: rate.clone(),
+                    quota: quota.clone(),
                     expires_in: expires.clone(),
                 },
             ))?;
@@ -56,6 +61,9 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
                 println!("  scopes   {}", created.info.scopes.join(" "));
                 if let Some(r) = created.info.rate {
                     println!("  rate     {r}");
+                }
+                if let Some(q) = created.info.quota {
+                    println!("  quota    {q}");
                 }
                 if let Some(t) = created.info.expires_at_ms {
                     println!("  expires  {}", when(t));
@@ -75,7 +83,7 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let mut t = table(&[
-                "name", "id", "scopes", "rate", "created", "expires", "state",
+                "name", "id", "scopes", "rate", "quota", "created", "expires", "state",
             ]);
             for k in list {
                 t.add_row(vec![
@@ -83,6 +91,10 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
                     k.id,
                     k.scopes.join(" "),
                     k.rate.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                    match k.quota {
+                        Some(q) => format!("{} of {q}", k.quota_used.unwrap_or(0)),
+                        None => "-".into(),
+                    },
                     when(k.created_at_ms),
                     k.expires_at_ms.map(when).unwrap_or_else(|| "never".into()),
                     match k.revoked_at_ms {

@@ -1,6 +1,6 @@
 //! `serve`'s metering wiring: the invocation recorder, the Prometheus exporter behind
 //! `GET /metrics` (no auth, like `/health`), and the periodic housekeeping (histogram
-//! upkeep, retention).
+//! upkeep, retention), and the persistence of API key quota counters.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +116,65 @@ pub fn spawn_housekeeping(
             }
         }
     })
+}
+
+/// How often the gateway's changed quota counters are written to the store: the most
+/// counting a crash can lose.
+const QUOTA_WRITE_EVERY: Duration = Duration::from_secs(1);
+
+/// Seeds the gateway's quota counters from the store, then writes changed ones back
+/// every second until aborted.
+pub async fn spawn_quota_writer(
+    store: Arc<nimbus_store::Store>,
+    quotas: Arc<nimbus_gateway::Quotas>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let s = Arc::clone(&store);
+    let counted = tokio::task::spawn_blocking(move || s.current_key_usage(nimbus_core::now_ms()))
+        .await
+        .context("join")??;
+    quotas.seed(counted.into_iter().map(|u| {
+        (
+            u.key_id,
+            nimbus_gateway::Counted {
+                period_start_ms: u.period_start_ms,
+                count: u.count,
+            },
+        )
+    }));
+    Ok(tokio::spawn(async move {
+        let mut every = tokio::time::interval(QUOTA_WRITE_EVERY);
+        loop {
+            every.tick().await;
+            write_quotas(Arc::clone(&store), &quotas).await;
+        }
+    }))
+}
+
+/// Writes the quota counters changed since the last write.
+pub async fn write_quotas(store: Arc<nimbus_store::Store>, quotas: &nimbus_gateway::Quotas) {
+    let changed: Vec<nimbus_store::KeyUsage> = quotas
+        .drain_changed()
+        .into_iter()
+        .map(|(key_id, c)| nimbus_store::KeyUsage {
+            key_id,
+            period_start_ms: c.period_start_ms,
+            count: c.count,
+        })
+        .collect();
+    if changed.is_empty() {
+        return;
+    }
+    let n = changed.len();
+    match tokio::task::spawn_blocking(move || {
+        store.record_key_usage(&changed, nimbus_core::now_ms())
+    })
+    .await
+    {
+        Ok(Ok(())) => {}
+        // The counts stay in memory and the next change writes them (absolute values).
+        Ok(Err(e)) => tracing::error!(error = %e, keys = n, "write API key quota counters"),
+        Err(e) => tracing::error!(error = %e, "quota writer task panicked"),
+    }
 }
 
 /// Writes out the records still queued; call once the worker has stopped.

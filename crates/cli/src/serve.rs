@@ -191,6 +191,10 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         metering: Arc::clone(&recorder),
         applied: vec![routes_gen, keys_gen],
     }));
+    let quotas = Arc::new(nimbus_gateway::Quotas::default());
+    let quota_writer = crate::meter::spawn_quota_writer(Arc::clone(&store), Arc::clone(&quotas))
+        .await
+        .context("load API key quota counters")?;
     let gateway = nimbus_gateway::router(nimbus_gateway::GatewayState {
         routes: routes_rx,
         invoker: Arc::clone(&invoker),
@@ -199,6 +203,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         limiters: Arc::default(),
         access_log: args.access_log,
         jwt: jwt_rx,
+        quotas: Arc::clone(&quotas),
     });
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));
@@ -288,6 +293,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     worker.shutdown().await;
     housekeeping.abort();
     crate::meter::flush(recorder).await;
+    quota_writer.abort();
+    crate::meter::write_quotas(Arc::clone(&store), &quotas).await;
     maintainer.abort();
     Ok(ExitCode::SUCCESS)
 }

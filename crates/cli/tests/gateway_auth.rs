@@ -150,6 +150,79 @@ fn rate_limited_keys_get_429_then_recover() {
 }
 
 #[test]
+fn quotas_are_spent_per_key_and_survive_a_crash() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let mut s = Server::start_with(&data, &[]);
+    s.ok(&["deploy", fixture("keyed-py").to_str().expect("path")]);
+    let key = create_key(
+        &s,
+        "metered",
+        &["--scope", "invoke:keyed", "--quota", "3/day"],
+    );
+    let other = create_key(
+        &s,
+        "other",
+        &["--scope", "invoke:keyed", "--quota", "3/day"],
+    );
+    for left in ["2", "1", "0"] {
+        let r = get(&s, "/keyed/q", Some(("x-api-key", &key)));
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-limit"], "3");
+        assert_eq!(r.headers()["ratelimit-remaining"], left);
+    }
+    let spent = |s: &Server| {
+        let r = get(s, "/keyed/q", Some(("x-api-key", &key)));
+        let retry: u64 = r.headers()["retry-after"]
+            .to_str()
+            .expect("text")
+            .parse()
+            .expect("seconds");
+        // Until the next UTC midnight.
+        assert!((1..=86_400).contains(&retry), "{retry}");
+        assert_eq!(r.headers()["ratelimit-remaining"], "0");
+        assert_eq!(error_code(r), (429, "quota_exceeded".into()));
+    };
+    spent(&s);
+    assert_eq!(
+        get(&s, "/keyed/q", Some(("x-api-key", &other))).status(),
+        200
+    );
+
+    // Counters reach the store within about a second; a SIGKILL then loses nothing.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed = s.json(&["keys", "ls"]);
+        let used = listed
+            .as_array()
+            .and_then(|a| a.iter().find(|k| k["name"] == "metered"))
+            .map(|k| k["quota_used"].clone());
+        if used == Some(serde_json::json!(3)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "quota use not persisted: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.ok(&["keys", "ls"]).contains("3 of 3/day"));
+    s.kill9();
+    let s = Server::start_with(&data, &[]);
+    spent(&s);
+    let r = get(&s, "/keyed/q", Some(("x-api-key", &other)));
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["ratelimit-remaining"], "1");
+    for bad in ["0/day", "5/week", "lots"] {
+        let o = s.cli(&[
+            "keys", "create", "bad", "--scope", "invoke:*", "--quota", bad,
+        ]);
+        assert!(!o.status.success());
+        assert!(stderr_of(&o).contains("quota"), "{}", stderr_of(&o));
+    }
+}
+
+#[test]
 fn bad_key_requests_get_clear_errors() {
     let s = Server::start();
     for (args, want) in [

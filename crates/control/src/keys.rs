@@ -39,6 +39,12 @@ fn validate(req: &CreateKeyRequest, id: String, now: i64) -> Result<ApiKeyInfo, 
         .map(keys::parse_rate)
         .transpose()
         .map_err(|m| ApiError::BadRequest(format!("rate: {m}")))?;
+    let quota = req
+        .quota
+        .as_deref()
+        .map(keys::parse_quota)
+        .transpose()
+        .map_err(|m| ApiError::BadRequest(format!("quota: {m}")))?;
     let expires_at_ms = match req.expires_in.as_deref() {
         None => None,
         Some(text) => {
@@ -61,6 +67,8 @@ fn validate(req: &CreateKeyRequest, id: String, now: i64) -> Result<ApiKeyInfo, 
         name: req.name.clone(),
         scopes,
         rate,
+        quota,
+        quota_used: quota.map(|_| 0),
         created_at_ms: now,
         expires_at_ms,
         revoked_at_ms: None,

@@ -231,6 +231,12 @@ pub struct ApiKeyInfo {
     pub scopes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<crate::keys::Rate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<crate::keys::Quota>,
+    /// Requests counted against the quota in its current period (as last persisted:
+    /// the gateway writes its counters about once a second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_used: Option<u64>,
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<i64>,
@@ -247,6 +253,9 @@ pub struct CreateKeyRequest {
     /// `50/s`, `600/m`, `10/s:20` (burst 20).
     #[serde(default)]
     pub rate: Option<String>,
+    /// `10000/day`, `250000/month`.
+    #[serde(default)]
+    pub quota: Option<String>,
     /// Lifetime, e.g. `30d`, `12h`.
     #[serde(default)]
     pub expires_in: Option<String>,

@@ -181,6 +181,78 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     })
 }
 
+/// A budget of requests per calendar period (UTC), e.g. `10000/day`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Quota {
+    pub requests: u64,
+    pub per: QuotaPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+impl std::fmt::Display for Quota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = match self.per {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        };
+        write!(f, "{}/{p}", self.requests)
+    }
+}
+
+impl Quota {
+    /// The period holding `now_ms`, as `[start, end)` in Unix milliseconds. Periods are
+    /// calendar days and months in UTC, so "10000/day" means the same to every
+    /// operator and resets at a time they can predict.
+    pub fn period(&self, now_ms: i64) -> (i64, i64) {
+        use chrono::{Datelike, TimeZone, Utc};
+        const DAY: i64 = 86_400_000;
+        match self.per {
+            QuotaPeriod::Day => {
+                let start = now_ms.div_euclid(DAY) * DAY;
+                (start, start + DAY)
+            }
+            QuotaPeriod::Month => {
+                let Some(now) = Utc.timestamp_millis_opt(now_ms).single() else {
+                    return (now_ms, now_ms + 31 * DAY);
+                };
+                let (y, m) = (now.year(), now.month());
+                let first = |y: i32, m: u32| {
+                    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                        .single()
+                        .map(|t| t.timestamp_millis())
+                };
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                match (first(y, m), first(ny, nm)) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => (now_ms, now_ms + 31 * DAY),
+                }
+            }
+        }
+    }
+}
+
+/// `10000/day` (or `/d`), `250000/month` (or `/mo`).
+pub fn parse_quota(text: &str) -> Result<Quota, String> {
+    let bad = || format!("quota `{text}` is not N/day or N/month, e.g. 10000/day");
+    let (n, per) = text.split_once('/').ok_or_else(bad)?;
+    let requests: u64 = n.trim().parse().map_err(|_| bad())?;
+    let per = match per.trim() {
+        "d" | "day" => QuotaPeriod::Day,
+        "mo" | "month" => QuotaPeriod::Month,
+        _ => return Err(bad()),
+    };
+    if requests == 0 {
+        return Err(format!("quota `{text}`: the count must be at least 1"));
+    }
+    Ok(Quota { requests, per })
+}
+
 /// A live key as the gateway sees it (revoked keys are not in the snapshot).
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
@@ -189,6 +261,7 @@ pub struct KeyEntry {
     pub hash: Vec<u8>,
     pub scopes: Vec<String>,
     pub rate: Option<Rate>,
+    pub quota: Option<Quota>,
     pub expires_at_ms: Option<i64>,
 }
 
@@ -277,6 +350,7 @@ mod tests {
             hash: k.hash.to_vec(),
             scopes: vec!["invoke:hello".into()],
             rate: None,
+            quota: None,
             expires_at_ms: expires,
         };
         let set = KeySet::new([entry(Some(2_000))]);
@@ -306,6 +380,31 @@ mod tests {
             KeySet::new([entry(None)])
                 .authenticate(&k.key, i64::MAX)
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn quotas_parse_and_their_periods_are_utc_calendar_days_and_months() {
+        let q = parse_quota("10000/day").expect("day");
+        assert_eq!(q.to_string(), "10000/day");
+        assert_eq!(parse_quota("5/mo").expect("mo").per, QuotaPeriod::Month);
+        for bad in ["", "10", "0/day", "x/day", "10/week", "-1/day"] {
+            assert!(parse_quota(bad).is_err(), "{bad}");
+        }
+        // 2026-12-01T20:57:04Z
+        let now = 1_796_158_624_000;
+        let (a, b) = q.period(now);
+        assert_eq!((a % 86_400_000, b - a), (0, 86_400_000));
+        assert!(a <= now && now < b);
+        // December 2026 starts 2026-12-01T00:00Z and has 31 days.
+        let (a, b) = parse_quota("1/month").expect("m").period(now);
+        assert_eq!(a, 1_796_083_200_000);
+        assert_eq!(b - a, 31 * 86_400_000);
+        let feb = parse_quota("1/month").expect("m").period(1_802_217_600_000);
+        assert_eq!(
+            feb,
+            (1_801_440_000_000, 1_803_859_200_000),
+            "2027-02 has 28 days"
         );
     }
 

@@ -12,6 +12,7 @@ use nimbus_core::keys::{self, KeyRefusal, KeySet};
 
 use crate::error_response;
 use crate::limits::{Buckets, RateHeaders};
+use crate::quota::Quotas;
 
 /// Per-key token buckets.
 pub type KeyLimiters = Buckets;
@@ -48,6 +49,7 @@ pub(crate) fn unauthorized(message: &str) -> Response {
 pub fn check_api_key(
     keys: &KeySet,
     limiters: &KeyLimiters,
+    quotas: &Quotas,
     headers: &HeaderMap,
     function: &str,
     now_ms: i64,
@@ -75,15 +77,30 @@ pub fn check_api_key(
             "this API key may not call this route",
         )));
     }
-    let rate_headers = match entry.rate {
+    let mut rate_headers = match entry.rate {
         Some(rate) => limiters.take(&format!("key:{}", entry.id), rate, "API key")?,
         None => Vec::new(),
     };
+    // The quota after the bucket: a request the rate limit refuses spends no quota.
+    if let Some(quota) = entry.quota {
+        let quota_headers = quotas.take(&entry.id, quota, now_ms)?;
+        // Show whichever limit is nearer to refusing.
+        if rate_headers.is_empty() || remaining(&quota_headers) < remaining(&rate_headers) {
+            rate_headers = quota_headers;
+        }
+    }
     Ok(Caller {
         key_id: entry.id.clone(),
         key_name: entry.name.clone(),
         rate_headers,
     })
+}
+
+fn remaining(h: &RateHeaders) -> u64 {
+    h.iter()
+        .find(|(n, _)| *n == "ratelimit-remaining")
+        .and_then(|(_, v)| v.to_str().ok()?.parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 /// Headers that carry credentials: never passed on to the function.
@@ -104,6 +121,7 @@ mod tests {
             hash: k.hash.to_vec(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             rate: rate.map(|r| parse_rate(r).expect("rate")),
+            quota: None,
             expires_at_ms: None,
         };
         (KeySet::new([entry]), k.key)
@@ -122,11 +140,21 @@ mod tests {
     fn keys_in_either_header_pass_and_others_do_not() {
         let (keys, key) = set(&["invoke:hello"], None);
         let l = KeyLimiters::default();
-        assert!(check_api_key(&keys, &l, &headers("x-api-key", &key), "hello", 0).is_ok());
+        assert!(
+            check_api_key(
+                &keys,
+                &l,
+                &Quotas::default(),
+                &headers("x-api-key", &key),
+                "hello",
+                0
+            )
+            .is_ok()
+        );
         let bearer = headers("authorization", &format!("bearer {key}"));
-        assert!(check_api_key(&keys, &l, &bearer, "hello", 0).is_ok());
+        assert!(check_api_key(&keys, &l, &Quotas::default(), &bearer, "hello", 0).is_ok());
         let status = |h: &HeaderMap, f: &str| {
-            check_api_key(&keys, &l, h, f, 0)
+            check_api_key(&keys, &l, &Quotas::default(), h, f, 0)
                 .err()
                 .map(|r| r.status().as_u16())
         };
@@ -145,7 +173,7 @@ mod tests {
         let l = KeyLimiters::default();
         let h = headers("x-api-key", &key);
         for left in [2u32, 1, 0] {
-            let c = check_api_key(&keys, &l, &h, "f", 0)
+            let c = check_api_key(&keys, &l, &Quotas::default(), &h, "f", 0)
                 .map_err(|r| r.status())
                 .expect("ok");
             let remaining = c
@@ -157,7 +185,9 @@ mod tests {
                 Some(HeaderValue::from(left))
             );
         }
-        let r = check_api_key(&keys, &l, &h, "f", 0).err().expect("limited");
+        let r = check_api_key(&keys, &l, &Quotas::default(), &h, "f", 0)
+            .err()
+            .expect("limited");
         assert_eq!(r.status(), 429);
         let retry: u64 = r.headers()["retry-after"]
             .to_str()

@@ -19,6 +19,7 @@ mod event;
 mod jwt;
 mod limits;
 mod observe;
+mod quota;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ pub use auth::KeyLimiters;
 pub use event::{EventInput, build_event, map_result};
 pub use jwt::JwtConfig;
 pub use limits::Buckets;
+pub use quota::{Counted, Quotas};
 
 #[derive(Clone)]
 pub struct GatewayState {
@@ -53,6 +55,8 @@ pub struct GatewayState {
     pub access_log: bool,
     /// JWT verification for `auth = "jwt"` routes (None: not configured, they refuse).
     pub jwt: watch::Receiver<Option<Arc<JwtConfig>>>,
+    /// Quota counters of API keys; `cli::serve` persists them.
+    pub quotas: Arc<Quotas>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -208,6 +212,7 @@ pub(crate) async fn admit(
             match auth::check_api_key(
                 &keys,
                 &st.limiters,
+                &st.quotas,
                 &parts.headers,
                 &entry.function,
                 nimbus_core::now_ms(),

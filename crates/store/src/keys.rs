@@ -2,17 +2,28 @@
 //! gateway's snapshot. Secrets never reach this module; only their SHA-256.
 
 use nimbus_core::api::ApiKeyInfo;
-use nimbus_core::keys::{KeyEntry, Rate};
+use nimbus_core::keys::{KeyEntry, Quota};
 use rusqlite::{OptionalExtension, params};
 
 use crate::{Error, Result, Store};
 
-fn rate_to_text(rate: &Option<Rate>) -> Result<Option<String>> {
-    rate.as_ref()
+fn to_text<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>> {
+    v.as_ref()
         .map(serde_json::to_string)
         .transpose()
         .map_err(Error::EncodeConfig)
 }
+
+/// Requests a key spent in one quota period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: String,
+    pub period_start_ms: i64,
+    pub count: u64,
+}
+
+/// Counters of periods older than this are deleted when new counts are written.
+const USAGE_KEPT_MS: i64 = 62 * 86_400_000;
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|source| Error::Corrupt {
@@ -30,6 +41,7 @@ struct RawKey {
     hash: Vec<u8>,
     scopes: String,
     rate: Option<String>,
+    quota: Option<String>,
     created: i64,
     expires: Option<i64>,
     revoked: Option<i64>,
@@ -45,17 +57,19 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawKey> {
         created: r.get(5)?,
         expires: r.get(6)?,
         revoked: r.get(7)?,
+        quota: r.get(8)?,
     })
 }
 
 const COLUMNS: &str =
-    "id, name, key_sha256, scopes, rate, created_at_ms, expires_at_ms, revoked_at_ms";
+    "id, name, key_sha256, scopes, rate, created_at_ms, expires_at_ms, revoked_at_ms, quota";
 
 impl Store {
     /// Stores a new key. A name already used (even by a revoked key) is a conflict.
     pub fn create_key(&self, info: &ApiKeyInfo, hash: &[u8; 32]) -> Result<()> {
         let scopes = serde_json::to_string(&info.scopes).map_err(Error::EncodeConfig)?;
-        let rate = rate_to_text(&info.rate)?;
+        let rate = to_text(&info.rate)?;
+        let quota = to_text(&info.quota)?;
         self.write(|tx| {
             let taken: Option<String> = tx
                 .query_row(
@@ -72,8 +86,8 @@ impl Store {
             }
             tx.execute(
                 "INSERT INTO api_keys (id, name, key_sha256, scopes, rate, created_at_ms,
-                                       expires_at_ms, revoked_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
+                                       expires_at_ms, revoked_at_ms, quota)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8)",
                 params![
                     info.id,
                     info.name,
@@ -81,7 +95,8 @@ impl Store {
                     scopes,
                     rate,
                     info.created_at_ms,
-                    info.expires_at_ms
+                    info.expires_at_ms,
+                    quota
                 ],
             )?;
             Ok(((), true))
@@ -104,6 +119,7 @@ impl Store {
                 hash,
                 scopes: i.scopes,
                 rate: i.rate,
+                quota: i.quota,
                 expires_at_ms: i.expires_at_ms,
             })
             .collect())
@@ -130,11 +146,21 @@ impl Store {
                         .rate
                         .map(|r| decode(&format!("rate of key {}", k.name), &r))
                         .transpose()?;
+                    let quota: Option<Quota> = k
+                        .quota
+                        .map(|q| decode(&format!("quota of key {}", k.name), &q))
+                        .transpose()?;
+                    let quota_used = match &quota {
+                        Some(q) => Some(usage_tx(tx, &k.id, q.period(nimbus_core::now_ms()).0)?),
+                        None => None,
+                    };
                     let info = ApiKeyInfo {
                         id: k.id,
                         name: k.name,
                         scopes,
                         rate,
+                        quota,
+                        quota_used,
                         created_at_ms: k.created,
                         expires_at_ms: k.expires,
                         revoked_at_ms: k.revoked,
@@ -142,6 +168,57 @@ impl Store {
                     Ok((info, k.hash))
                 })
                 .collect()
+        })
+    }
+
+    /// Writes the gateway's quota counters (absolute counts; a lower count never
+    /// replaces a higher one, so a late write cannot hand back spent requests).
+    /// Not a change: key snapshots need not be rebuilt for it.
+    pub fn record_key_usage(&self, usage: &[KeyUsage], now_ms: i64) -> Result<()> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO key_usage (key_id, period_start_ms, count)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = ?1)
+                 ON CONFLICT (key_id, period_start_ms)
+                 DO UPDATE SET count = max(count, excluded.count)",
+            )?;
+            for u in usage {
+                stmt.execute(params![
+                    u.key_id,
+                    u.period_start_ms,
+                    i64::try_from(u.count).unwrap_or(i64::MAX)
+                ])?;
+            }
+            tx.execute(
+                "DELETE FROM key_usage WHERE period_start_ms < ?1",
+                [now_ms - USAGE_KEPT_MS],
+            )?;
+            Ok(((), false))
+        })
+    }
+
+    /// Every key's counters for the periods holding `now_ms`: what the gateway starts
+    /// from after a restart.
+    pub fn current_key_usage(&self, now_ms: i64) -> Result<Vec<KeyUsage>> {
+        let keys = self.live_keys()?;
+        self.read(|tx| {
+            let mut out = Vec::new();
+            for k in keys {
+                let Some(q) = k.quota else { continue };
+                let start = q.period(now_ms).0;
+                let count = usage_tx(tx, &k.id, start)?;
+                if count > 0 {
+                    out.push(KeyUsage {
+                        key_id: k.id,
+                        period_start_ms: start,
+                        count,
+                    });
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -171,6 +248,17 @@ impl Store {
     }
 }
 
+fn usage_tx(tx: &rusqlite::Transaction<'_>, key_id: &str, start: i64) -> Result<u64> {
+    let n: Option<i64> = tx
+        .query_row(
+            "SELECT count FROM key_usage WHERE key_id = ?1 AND period_start_ms = ?2",
+            params![key_id, start],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(n.map(|n| n.max(0) as u64).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +269,8 @@ mod tests {
             name: name.into(),
             scopes: vec!["invoke:hello".into()],
             rate: Some(nimbus_core::keys::parse_rate("5/s:10").expect("rate")),
+            quota: Some(nimbus_core::keys::parse_quota("100/day").expect("quota")),
+            quota_used: None,
             created_at_ms: 1,
             expires_at_ms: Some(99),
             revoked_at_ms: None,
@@ -215,10 +305,48 @@ mod tests {
             Err(Error::NotFound(_))
         ));
         // A revoked key's name stays taken.
+        assert!(store.keys().expect("all")[0].quota.is_some());
         assert!(
             store
                 .create_key(&info("ci", "cccccccccccc"), &[9; 32])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn quota_usage_is_written_monotonically_and_read_for_the_current_period() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&dir.path().join("s.db")).expect("open");
+        store
+            .create_key(&info("ci", "aaaaaaaaaaaa"), &[7; 32])
+            .expect("create");
+        let now = 1_796_158_624_000;
+        let start = nimbus_core::keys::parse_quota("1/day")
+            .expect("q")
+            .period(now)
+            .0;
+        let before = *store.subscribe().borrow();
+        let u = |count| KeyUsage {
+            key_id: "aaaaaaaaaaaa".into(),
+            period_start_ms: start,
+            count,
+        };
+        store.record_key_usage(&[u(5)], now).expect("write");
+        store.record_key_usage(&[u(3)], now).expect("late write");
+        assert_eq!(store.current_key_usage(now).expect("read"), vec![u(5)]);
+        assert_eq!(*store.subscribe().borrow(), before, "usage is not a change");
+        // The next day starts from nothing; a deleted key's counts are not kept.
+        assert!(
+            store
+                .current_key_usage(now + 86_400_000)
+                .expect("read")
+                .is_empty()
+        );
+        let ghost = KeyUsage {
+            key_id: "bbbbbbbbbbbb".into(),
+            ..u(1)
+        };
+        store.record_key_usage(&[ghost], now).expect("ghost");
+        assert_eq!(store.current_key_usage(now).expect("read").len(), 1);
     }
 }

@@ -53,6 +53,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 pub use error::Error;
+pub use keys::KeyUsage;
 pub use metering::{Recorder, RecorderConfig, Retention};
 
 /// The alias every deploy points at its new version, and routes from manifests use.

@@ -136,6 +136,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE routes ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
     "#,
+    // 7: API key quotas (JSON, NULL = none) and the requests counted against them per
+    // period, written by the gateway's counters about once a second.
+    r#"
+    ALTER TABLE api_keys ADD COLUMN quota TEXT;
+    CREATE TABLE key_usage (
+        key_id          TEXT NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE,
+        period_start_ms INTEGER NOT NULL,
+        count           INTEGER NOT NULL,
+        PRIMARY KEY (key_id, period_start_ms)
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this build writes.
