@@ -126,6 +126,7 @@ mod tests {
             name: "ci".into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             rate: Some("10/s:20".into()),
+            quota: Some("100/day".into()),
             expires_in: Some("30d".into()),
         }
     }

@@ -142,7 +142,7 @@ mod tests {
             HeaderValue::from(1u32)
         );
         assert!(q.take("k", quota, NOW).is_ok());
-        let r = q.take("k", quota, NOW).err().expect("spent");
+        let r = q.take("k", quota, NOW).expect_err("spent");
         assert_eq!(r.status(), 429);
         let retry: u64 = r.headers()["retry-after"]
             .to_str()
