@@ -204,6 +204,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         access_log: args.access_log,
         jwt: jwt_rx,
         quotas: Arc::clone(&quotas),
+        authorizers: Arc::default(),
     });
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));

@@ -56,7 +56,7 @@ fn entry(req: AddRouteRequest) -> Result<RouteEntry, ApiError> {
             rate: rate("rate", &req.rate)?,
             rate_per_ip: rate("rate_per_ip", &req.rate_per_ip)?,
             scopes: req.scopes,
-            timeout_ms: None,
+            ..RouteOptions::default()
         },
         method,
         path: req.path,

@@ -97,6 +97,8 @@ pub enum AuthKind {
     ApiKey,
     Jwt,
     Mtls,
+    /// A Lambda authorizer function decides (`authorizer = "fn"`).
+    Authorizer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,6 +224,13 @@ struct RawRoute {
     rate_per_ip: Option<String>,
     scopes: Option<Vec<String>>,
     timeout: Option<toml::Value>,
+    authorizer: Option<String>,
+    authorizer_ttl: Option<toml::Value>,
+    identity_source: Option<Vec<String>>,
+    request_headers: Option<crate::route_options::RawHeaderRewrite>,
+    response_headers: Option<crate::route_options::RawHeaderRewrite>,
+    transform_request: Option<String>,
+    transform_response: Option<String>,
 }
 
 pub const METHODS: &[&str] = &[
@@ -439,17 +448,90 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             .ok_or_else(|| err(&field("path"), "is required".into()))?;
         validate_route_path(&path).map_err(|m| err(&field("path"), m))?;
         let auth = match r.auth.as_deref() {
+            // Naming an authorizer is asking for one.
+            None if r.authorizer.is_some() => AuthKind::Authorizer,
             None | Some("none") => AuthKind::None,
             Some("api_key") => AuthKind::ApiKey,
             Some("jwt") => AuthKind::Jwt,
             Some("mtls") => AuthKind::Mtls,
+            Some("authorizer") => AuthKind::Authorizer,
             Some(other) => {
                 return Err(err(
                     &field("auth"),
-                    format!("unknown value `{other}`; allowed: none, api_key, jwt, mtls"),
+                    format!(
+                        "unknown value `{other}`; allowed: none, api_key, jwt, mtls, authorizer"
+                    ),
                 ));
             }
         };
+        let authorizer = match (auth, r.authorizer) {
+            (AuthKind::Authorizer, None) => {
+                return Err(err(
+                    &field("authorizer"),
+                    "auth = \"authorizer\" needs the authorizer function's name".into(),
+                ));
+            }
+            (AuthKind::Authorizer, Some(function)) => {
+                validate_name(&function).map_err(|m| err(&field("authorizer"), m))?;
+                let ttl_ms = match &r.authorizer_ttl {
+                    None => crate::route_options::DEFAULT_AUTHORIZER_TTL_MS,
+                    Some(v) => {
+                        let ms =
+                            duration_value_ms(v).map_err(|m| err(&field("authorizer_ttl"), m))?;
+                        if ms > crate::route_options::MAX_AUTHORIZER_TTL_MS {
+                            return Err(err(&field("authorizer_ttl"), "must be at most 1h".into()));
+                        }
+                        ms
+                    }
+                };
+                let sources = r
+                    .identity_source
+                    .unwrap_or_else(|| vec!["$request.header.Authorization".into()]);
+                if sources.is_empty() || sources.len() > 8 {
+                    return Err(err(&field("identity_source"), "give 1 to 8 sources".into()));
+                }
+                let identity_source = sources
+                    .iter()
+                    .map(|s| crate::route_options::IdentitySource::parse(s))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|m| err(&field("identity_source"), m))?;
+                Some(crate::route_options::Authorizer {
+                    function,
+                    ttl_ms,
+                    identity_source,
+                })
+            }
+            (_, Some(_)) => {
+                return Err(err(
+                    &field("authorizer"),
+                    "only applies to auth = \"authorizer\" routes".into(),
+                ));
+            }
+            (_, None) => {
+                if r.authorizer_ttl.is_some() || r.identity_source.is_some() {
+                    return Err(err(
+                        &field("authorizer_ttl"),
+                        "only applies to routes with an authorizer".into(),
+                    ));
+                }
+                None
+            }
+        };
+        let rewrite = |name: &str, raw: Option<crate::route_options::RawHeaderRewrite>| {
+            raw.map(crate::route_options::parse_rewrite)
+                .transpose()
+                .map_err(|(f, m)| err(&field(&format!("{name}.{f}")), m))
+        };
+        let request_headers = rewrite("request_headers", r.request_headers)?;
+        let response_headers = rewrite("response_headers", r.response_headers)?;
+        for (name, f) in [
+            ("transform_request", &r.transform_request),
+            ("transform_response", &r.transform_response),
+        ] {
+            if let Some(f) = f {
+                validate_name(f).map_err(|m| err(&field(name), m))?;
+            }
+        }
         let scopes = r.scopes.unwrap_or_default();
         if !scopes.is_empty() && auth != AuthKind::Jwt {
             return Err(err(
@@ -492,6 +574,11 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             rate_per_ip,
             scopes,
             timeout_ms: route_timeout_ms,
+            authorizer,
+            request_headers,
+            response_headers,
+            transform_request: r.transform_request,
+            transform_response: r.transform_response,
         };
         let spec = RouteSpec {
             method,

@@ -1,5 +1,8 @@
-//! What a route may carry besides its target: CORS and rate limits. Parsed from a
-//! manifest's `[[http]]` table, stored with the route, applied by the gateway.
+//! What a route may carry besides its target: CORS, rate limits, a custom authorizer,
+//! header rewrites and transform functions. Parsed from a manifest's `[[http]]` table,
+//! stored with the route, applied by the gateway.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +25,135 @@ pub struct RouteOptions {
     /// the function itself runs on to its own deadline, as behind API Gateway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// `auth = "authorizer"`: the function that decides, and how its answers are cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorizer: Option<Authorizer>,
+    /// Headers set or removed on the request before the target sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRewrite>,
+    /// Headers set or removed on every answer of the route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRewrite>,
+    /// A function given the request (payload 2.0) that returns it changed, or answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform_request: Option<String>,
+    /// A function given the request and the response that returns the response changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform_response: Option<String>,
+}
+
+/// A Lambda authorizer (API Gateway HTTP API, payload 2.0, simple responses).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authorizer {
+    pub function: String,
+    /// How long an answer is reused for the same identity; 0 asks every time.
+    pub ttl_ms: u64,
+    /// Where the identity is read; a request missing any of them is refused with 401
+    /// without calling the authorizer (as API Gateway does).
+    pub identity_source: Vec<IdentitySource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// A request header, by lower-case name.
+    Header(String),
+    /// A query-string parameter.
+    Query(String),
+}
+
+impl IdentitySource {
+    /// `$request.header.Authorization`, `$request.querystring.token`.
+    pub fn parse(text: &str) -> Result<IdentitySource, String> {
+        let bad = || format!("`{text}` is not $request.header.NAME or $request.querystring.NAME");
+        if let Some(h) = text.strip_prefix("$request.header.") {
+            if !is_token(h) {
+                return Err(bad());
+            }
+            return Ok(IdentitySource::Header(h.to_ascii_lowercase()));
+        }
+        if let Some(q) = text.strip_prefix("$request.querystring.") {
+            if q.is_empty() || q.len() > 256 {
+                return Err(bad());
+            }
+            return Ok(IdentitySource::Query(q.to_string()));
+        }
+        Err(bad())
+    }
+}
+
+impl std::fmt::Display for IdentitySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdentitySource::Header(h) => write!(f, "$request.header.{h}"),
+            IdentitySource::Query(q) => write!(f, "$request.querystring.{q}"),
+        }
+    }
+}
+
+/// Headers to set (replacing any sent) and to remove, by lower-case name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderRewrite {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// A `request_headers` / `response_headers` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHeaderRewrite {
+    set: Option<BTreeMap<String, String>>,
+    remove: Option<Vec<String>>,
+}
+
+/// Headers a rewrite may not touch: they frame the message or name the hop, and
+/// changing them would let a route smuggle requests or break the connection.
+const FIXED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// Validates a header rewrite table; errors are `(subfield, message)`.
+pub(crate) fn parse_rewrite(raw: RawHeaderRewrite) -> Result<HeaderRewrite, (String, String)> {
+    let mut out = HeaderRewrite::default();
+    let name_ok = |field: &str, n: &str| -> Result<String, (String, String)> {
+        let lower = n.to_ascii_lowercase();
+        if !is_token(n) || n.len() > 256 {
+            return Err((field.into(), format!("`{n}` is not a header name")));
+        }
+        if FIXED_HEADERS.contains(&lower.as_str()) {
+            return Err((
+                field.into(),
+                format!("`{n}` frames the message and cannot be rewritten"),
+            ));
+        }
+        Ok(lower)
+    };
+    for (n, v) in raw.set.unwrap_or_default() {
+        let name = name_ok("set", &n)?;
+        if v.len() > 8192 || v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err((
+                "set".into(),
+                format!("the value of `{n}` is not a header value"),
+            ));
+        }
+        out.set.insert(name, v);
+    }
+    for n in raw.remove.unwrap_or_default() {
+        out.remove.push(name_ok("remove", &n)?);
+    }
+    if out.set.len() + out.remove.len() > 64 {
+        return Err(("set".into(), "at most 64 headers per rewrite".into()));
+    }
+    Ok(out)
 }
 
 impl RouteOptions {
@@ -171,6 +303,11 @@ pub(crate) fn parse_cors(raw: RawCors) -> Result<Cors, (String, String)> {
     })
 }
 
+/// Longest an authorizer's answer may be cached: an hour, as API Gateway allows.
+pub const MAX_AUTHORIZER_TTL_MS: u64 = 3_600_000;
+/// API Gateway's default for Lambda authorizers.
+pub const DEFAULT_AUTHORIZER_TTL_MS: u64 = 300_000;
+
 pub(crate) fn parse_route_rate(text: Option<String>) -> Result<Option<Rate>, String> {
     text.as_deref().map(parse_rate).transpose()
 }
@@ -203,6 +340,50 @@ mod tests {
         assert!(c.allows_headers("content-type, X-API-Key"));
         assert!(!c.allows_headers("content-type, x-other"));
         assert!(c.allows_headers(""));
+    }
+
+    #[test]
+    fn identity_sources_and_rewrites_parse_or_name_the_field() {
+        assert_eq!(
+            IdentitySource::parse("$request.header.Authorization"),
+            Ok(IdentitySource::Header("authorization".into()))
+        );
+        assert_eq!(
+            IdentitySource::parse("$request.querystring.token"),
+            Ok(IdentitySource::Query("token".into()))
+        );
+        for bad in [
+            "Authorization",
+            "$request.header.",
+            "$request.header.a b",
+            "$context.x",
+        ] {
+            assert!(IdentitySource::parse(bad).is_err(), "{bad}");
+        }
+        let rw = |set: &[(&str, &str)], remove: &[&str]| {
+            parse_rewrite(RawHeaderRewrite {
+                set: Some(
+                    set.iter()
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .collect(),
+                ),
+                remove: Some(remove.iter().map(|s| s.to_string()).collect()),
+            })
+        };
+        let ok = rw(&[("X-Tenant", "acme")], &["Cookie"]).expect("ok");
+        assert_eq!(ok.set["x-tenant"], "acme");
+        assert_eq!(ok.remove, vec!["cookie"]);
+        let field = |r: Result<HeaderRewrite, (String, String)>| r.err().map(|(f, _)| f);
+        assert_eq!(field(rw(&[("bad name", "v")], &[])).as_deref(), Some("set"));
+        assert_eq!(field(rw(&[("x", "a\nb")], &[])).as_deref(), Some("set"));
+        assert_eq!(
+            field(rw(&[("Content-Length", "1")], &[])).as_deref(),
+            Some("set")
+        );
+        assert_eq!(
+            field(rw(&[], &["transfer-encoding"])).as_deref(),
+            Some("remove")
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 mod auth;
 mod cors;
 mod event;
+mod hooks;
 mod jwt;
 mod limits;
 mod observe;
@@ -32,12 +33,13 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use nimbus_core::api::ErrorBody;
 use nimbus_core::keys::KeySet;
-use nimbus_core::routes::{RouteEntry, RouteTable};
+use nimbus_core::routes::{RouteMatch, RouteTable};
 use nimbus_core::{AuthKind, InvokeError, InvokeRequest, InvokeStatus, Invoker, Target, Trigger};
 use tokio::sync::watch;
 
 pub use auth::KeyLimiters;
 pub use event::{EventInput, build_event, map_result};
+pub use hooks::AuthorizerCache;
 pub use jwt::JwtConfig;
 pub use limits::Buckets;
 pub use quota::{Counted, Quotas};
@@ -57,6 +59,8 @@ pub struct GatewayState {
     pub jwt: watch::Receiver<Option<Arc<JwtConfig>>>,
     /// Quota counters of API keys; `cli::serve` persists them.
     pub quotas: Arc<Quotas>,
+    /// Answers of Lambda authorizers, by route and identity.
+    pub authorizers: Arc<AuthorizerCache>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -149,6 +153,9 @@ async fn dispatch(
         .map(|c| cors::allow_headers(c, &parts.headers))
         .unwrap_or_default();
     let mut resp = serve_route(st, &found, &route_key, parts, body, request_id).await;
+    if let Some(rw) = &found.entry.options.response_headers {
+        hooks::rewrite(resp.headers_mut(), rw);
+    }
     let h = resp.headers_mut();
     for (n, v) in allow {
         h.insert(n, v);
@@ -169,6 +176,7 @@ impl Admitted {
         self.caller.as_ref().map(|c| match c {
             Caller::Key(k) => serde_json::json!({"apiKey": {"id": k.key_id, "name": k.key_name}}),
             Caller::Jwt(v) => serde_json::json!({"jwt": {"claims": v.claims, "scopes": v.scopes}}),
+            Caller::Lambda(context) => serde_json::json!({"lambda": context}),
         })
     }
 
@@ -183,10 +191,12 @@ impl Admitted {
 /// per-route buckets, then its authentication. A refusal is the finished response.
 pub(crate) async fn admit(
     st: &GatewayState,
-    entry: &RouteEntry,
+    found: &RouteMatch<'_>,
     route_key: &str,
     parts: &http::request::Parts,
+    request_id: &str,
 ) -> Result<Admitted, Response> {
+    let entry = found.entry;
     let source_ip = client_ip(&parts.extensions);
     // Per client first: it bounds what one address can spend on guessing keys.
     let mut rate_headers = Vec::new();
@@ -255,6 +265,20 @@ pub(crate) async fn admit(
             }
             None
         }
+        AuthKind::Authorizer => {
+            let Some(spec) = &entry.options.authorizer else {
+                tracing::error!(route = route_key, "authorizer route without an authorizer");
+                return Err(auth::unauthorized("unauthorized"));
+            };
+            let event = || request_event(found, route_key, parts, b"", false, None, request_id);
+            match hooks::authorize(st, spec, route_key, parts, event, request_id).await {
+                Ok(context) => Some(Caller::Lambda(context)),
+                Err(resp) => {
+                    observe::auth_failure(route_key, resp.status().as_u16());
+                    return Err(resp);
+                }
+            }
+        }
     };
     Ok(Admitted {
         caller,
@@ -264,46 +288,83 @@ pub(crate) async fn admit(
 
 async fn serve_route(
     st: &GatewayState,
-    found: &nimbus_core::routes::RouteMatch<'_>,
+    found: &RouteMatch<'_>,
     route_key: &str,
     parts: http::request::Parts,
     body: Body,
     request_id: &str,
 ) -> Response {
     // Credentials before the body: a refused caller never gets to upload anything.
-    let admitted = match admit(st, found.entry, route_key, &parts).await {
+    let admitted = match admit(st, found, route_key, &parts, request_id).await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
+    let opts = &found.entry.options;
+    let mut parts = parts;
+    // After admission, so a rewrite cannot hide or forge the credentials it checked.
+    if let Some(rw) = &opts.request_headers {
+        hooks::rewrite(&mut parts.headers, rw);
+    }
     let body = match read_limited(body, st.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    let event = |parts: &http::request::Parts, body: &[u8]| {
+        request_event(
+            found,
+            route_key,
+            parts,
+            body,
+            admitted.strips_credentials(),
+            admitted.authorizer(),
+            request_id,
+        )
+    };
+    let (parts, body) = match &opts.transform_request {
+        None => (parts, body),
+        Some(f) => {
+            let ev = event(&parts, &body);
+            match hooks::transform_request(st, f, parts, body, ev, request_id).await {
+                Ok(hooks::Transformed::Request(p, b)) => (p, b),
+                Ok(hooks::Transformed::Respond(r)) => {
+                    return with_headers(r, admitted.rate_headers);
+                }
+                Err(r) => return r,
+            }
+        }
+    };
     let mut resp =
         invoke_function(st, found, route_key, &parts, &body, &admitted, request_id).await;
-    for (name, value) in admitted.rate_headers {
+    if let Some(f) = &opts.transform_response {
+        let ev = event(&parts, &body);
+        resp = hooks::transform_response(st, f, ev, &parts, resp, request_id).await;
+    }
+    with_headers(resp, admitted.rate_headers)
+}
+
+fn with_headers(mut resp: Response, headers: limits::RateHeaders) -> Response {
+    for (name, value) in headers {
         resp.headers_mut().insert(name, value);
     }
     resp
 }
 
-/// The route's function called with the request as a payload 2.0 event, and its
-/// answer mapped back to HTTP (Lambda's proxy-integration rules).
-async fn invoke_function(
-    st: &GatewayState,
-    found: &nimbus_core::routes::RouteMatch<'_>,
+/// The payload 2.0 event of a request on a matched route.
+fn request_event(
+    found: &RouteMatch<'_>,
     route_key: &str,
     parts: &http::request::Parts,
-    body: &Bytes,
-    admitted: &Admitted,
+    body: &[u8],
+    strip_credentials: bool,
+    authorizer: Option<serde_json::Value>,
     request_id: &str,
-) -> Response {
+) -> serde_json::Value {
     let source_ip = client_ip(&parts.extensions);
     let authentication = parts
         .extensions
         .get::<nimbus_core::ClientCert>()
         .map(|c| serde_json::json!({"clientCert": c}));
-    let event = build_event(&EventInput {
+    build_event(&EventInput {
         request_id,
         route_key,
         method: parts.method.as_str(),
@@ -314,10 +375,32 @@ async fn invoke_function(
         body,
         source_ip: &source_ip,
         protocol: version_str(parts.version),
-        strip_credentials: admitted.strips_credentials(),
-        authorizer: admitted.authorizer(),
+        strip_credentials,
+        authorizer,
         authentication,
-    });
+    })
+}
+
+/// The route's function called with the request as a payload 2.0 event, and its
+/// answer mapped back to HTTP (Lambda's proxy-integration rules).
+async fn invoke_function(
+    st: &GatewayState,
+    found: &RouteMatch<'_>,
+    route_key: &str,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    admitted: &Admitted,
+    request_id: &str,
+) -> Response {
+    let event = request_event(
+        found,
+        route_key,
+        parts,
+        body,
+        admitted.strips_credentials(),
+        admitted.authorizer(),
+        request_id,
+    );
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => p,
         Err(_) => {
@@ -447,6 +530,8 @@ pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
 pub(crate) enum Caller {
     Key(auth::Caller),
     Jwt(jwt::Verified),
+    /// What a Lambda authorizer returned as its `context`.
+    Lambda(serde_json::Value),
 }
 
 fn check_jwt(
