@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod duration;
+pub mod filter;
 pub mod invoke;
 pub mod keys;
 pub mod manifest;
