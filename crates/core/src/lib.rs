@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cron;
 pub mod duration;
 pub mod filter;
 pub mod invoke;
