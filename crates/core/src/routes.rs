@@ -276,13 +276,16 @@ impl RouteEntry {
 
 /// A route conflict, naming both routes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("route `{new}` of {new_function} conflicts with `{existing}` of {existing_function}")]
+#[error("route `{new}` of {new_owner} conflicts with `{existing}` of {existing_owner}")]
 pub struct RouteConflict {
     pub new: String,
-    /// `function `f`` or `upstream http://...`.
+    /// Empty for a route no function owns.
     pub new_function: String,
     pub existing: String,
     pub existing_function: String,
+    /// For people: ``function `f` `` or `upstream http://...`.
+    pub new_owner: String,
+    pub existing_owner: String,
 }
 
 /// A matched route with its decoded path parameters.
@@ -321,9 +324,11 @@ impl RouteTable {
     fn insert(&mut self, entry: RouteEntry) -> Result<(), RouteConflict> {
         let conflict = |existing: &RouteEntry| RouteConflict {
             new: entry.route_key(),
-            new_function: entry.owner(),
+            new_function: entry.function.clone(),
             existing: existing.route_key(),
-            existing_function: existing.owner(),
+            existing_function: existing.function.clone(),
+            new_owner: entry.owner(),
+            existing_owner: existing.owner(),
         };
         // The same path on different hosts is two routes; on one host, one too many.
         let peers = |e: &&RouteEntry| e.method == entry.method && e.host == entry.host;
@@ -356,9 +361,11 @@ impl RouteTable {
                 Some(ex) => conflict(ex),
                 None => RouteConflict {
                     new: entry.route_key(),
-                    new_function: entry.owner(),
+                    new_function: entry.function.clone(),
                     existing: e.to_string(),
-                    existing_function: "?".into(),
+                    existing_function: String::new(),
+                    new_owner: entry.owner(),
+                    existing_owner: "another route".into(),
                 },
             });
         }
