@@ -11,12 +11,29 @@ use crate::{Global, Output};
 
 #[derive(Subcommand)]
 pub enum RouteCmd {
-    /// Point METHOD PATH (e.g. GET /v2/items/{id}) at a function's alias.
+    /// Point METHOD PATH (e.g. GET /v2/items/{id}) at a function's alias, or at
+    /// upstream HTTP services (--upstream, repeatable: round-robin over the healthy ones).
     Add {
         method: String,
         path: String,
+        #[arg(
+            long,
+            required_unless_present = "upstream",
+            conflicts_with = "upstream"
+        )]
+        function: Option<String>,
+        /// Upstream base URL, http://host[:port][/base] (repeatable).
         #[arg(long)]
-        function: String,
+        upstream: Vec<String>,
+        /// Only requests for this host: api.example.com or *.example.com.
+        #[arg(long)]
+        host: Option<String>,
+        /// How long the gateway waits for an answer (e.g. 5s).
+        #[arg(long)]
+        timeout: Option<String>,
+        /// How long an upstream that failed is skipped (default 10s).
+        #[arg(long)]
+        upstream_down_for: Option<String>,
         #[arg(long, default_value = "live")]
         alias: String,
         /// none, api_key or jwt.
@@ -35,7 +52,13 @@ pub enum RouteCmd {
     /// List every route (manifest and added ones).
     Ls,
     /// Remove a route added with `route add`.
-    Rm { method: String, path: String },
+    Rm {
+        method: String,
+        path: String,
+        /// The host the route was added for.
+        #[arg(long, default_value = "")]
+        host: String,
+    },
 }
 
 pub fn run(g: &Global, cmd: RouteCmd) -> anyhow::Result<ExitCode> {
@@ -45,6 +68,10 @@ pub fn run(g: &Global, cmd: RouteCmd) -> anyhow::Result<ExitCode> {
             method,
             path,
             function,
+            upstream,
+            host,
+            timeout,
+            upstream_down_for,
             alias,
             auth,
             scopes,
@@ -56,32 +83,33 @@ pub fn run(g: &Global, cmd: RouteCmd) -> anyhow::Result<ExitCode> {
                 &AddRouteRequest {
                     method,
                     path,
-                    function,
+                    function: function.unwrap_or_default(),
                     alias: Some(alias),
                     auth: Some(auth),
                     scopes,
                     rate,
                     rate_per_ip,
+                    upstream,
+                    host,
+                    timeout,
+                    upstream_down_for,
                 },
             ))?;
             if g.output == Output::Json {
                 print_json(&r)?;
             } else {
-                println!(
-                    "added route {} -> {}:{}",
-                    r.route_key(),
-                    r.function,
-                    r.alias
-                );
+                println!("added route {} -> {}", r.route_key(), r.target());
             }
             Ok(ExitCode::SUCCESS)
         }
-        RouteCmd::Rm { method, path } => {
+        RouteCmd::Rm { method, path, host } => {
             let api = Api::new(g)?;
-            let r: RouteEntry = api.json(
-                api.req(reqwest::Method::DELETE, "/v1/routes")
-                    .query(&[("method", method.as_str()), ("path", path.as_str())]),
-            )?;
+            let r: RouteEntry =
+                api.json(api.req(reqwest::Method::DELETE, "/v1/routes").query(&[
+                    ("method", method.as_str()),
+                    ("path", path.as_str()),
+                    ("host", host.as_str()),
+                ]))?;
             if g.output == Output::Json {
                 print_json(&r)?;
             } else {

@@ -199,6 +199,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         limiters: Arc::default(),
         access_log: args.access_log,
         jwt: jwt_rx,
+        upstreams: Arc::default(),
     });
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));
