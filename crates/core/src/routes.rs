@@ -276,16 +276,16 @@ impl RouteEntry {
 
 /// A route conflict, naming both routes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("route `{new}` of {new_owner} conflicts with `{existing}` of {existing_owner}")]
+#[error("route `{new}` of {} conflicts with `{existing}` of {}", owners.0, owners.1)]
 pub struct RouteConflict {
     pub new: String,
     /// Empty for a route no function owns.
     pub new_function: String,
     pub existing: String,
     pub existing_function: String,
-    /// For people: ``function `f` `` or `upstream http://...`.
-    pub new_owner: String,
-    pub existing_owner: String,
+    /// For people, the new route's then the existing one's: ``function `f` `` or
+    /// `upstream http://...` (boxed: the error travels in every `Result` of a build).
+    pub owners: Box<(String, String)>,
 }
 
 /// A matched route with its decoded path parameters.
@@ -327,8 +327,7 @@ impl RouteTable {
             new_function: entry.function.clone(),
             existing: existing.route_key(),
             existing_function: existing.function.clone(),
-            new_owner: entry.owner(),
-            existing_owner: existing.owner(),
+            owners: Box::new((entry.owner(), existing.owner())),
         };
         // The same path on different hosts is two routes; on one host, one too many.
         let peers = |e: &&RouteEntry| e.method == entry.method && e.host == entry.host;
@@ -364,8 +363,7 @@ impl RouteTable {
                     new_function: entry.function.clone(),
                     existing: e.to_string(),
                     existing_function: String::new(),
-                    new_owner: entry.owner(),
-                    existing_owner: "another route".into(),
+                    owners: Box::new((entry.owner(), "another route".into())),
                 },
             });
         }

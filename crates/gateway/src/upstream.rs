@@ -119,11 +119,9 @@ impl Health {
         if self.down_until.len() >= PRUNE_ABOVE {
             self.down_until.retain(|_, until| *until > now);
         }
-        let was_up = self
-            .down_until
+        self.down_until
             .insert(health_key(route, url), now + for_)
-            .is_none_or(|until| until <= now);
-        was_up
+            .is_none_or(|until| until <= now)
     }
 
     fn mark_up(&mut self, route: &str, url: &str) {
@@ -169,7 +167,7 @@ impl http_body::Body for TakeBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
@@ -361,7 +359,7 @@ pub(crate) async fn proxy(
         let mut req = http::Request::new(TakeBody {
             slot: Arc::clone(&slot),
             taken: None,
-            hint: hint.clone(),
+            hint,
         });
         *req.method_mut() = parts.method.clone();
         *req.headers_mut() = headers.clone();
