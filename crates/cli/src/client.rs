@@ -539,7 +539,7 @@ pub fn routes(g: &Global) -> anyhow::Result<ExitCode> {
         print_json(&rs)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = table(&["method", "path", "function", "alias", "auth", "limits"]);
+    let mut t = table(&["method", "host", "path", "target", "auth", "limits"]);
     for r in rs {
         let auth = serde_json::to_value(r.auth)
             .ok()
@@ -555,11 +555,20 @@ pub fn routes(g: &Global) -> anyhow::Result<ExitCode> {
         if r.options.cors.is_some() {
             limits.push("cors".into());
         }
+        if let Some(ms) = r.options.timeout_ms {
+            limits.push(format!("timeout {ms}ms"));
+        }
+        let target = r.target();
+        let host = if r.host.is_empty() {
+            "any".into()
+        } else {
+            r.host
+        };
         t.add_row(vec![
             r.method,
+            host,
             r.path,
-            r.function,
-            r.alias,
+            target,
             auth,
             limits.join(", "),
         ]);

@@ -108,7 +108,7 @@ pub async fn serve(
                 return;
             }
             match tls {
-                None => serve_io(&builder, watcher, stream, app, peer, None).await,
+                None => serve_io(&builder, watcher, stream, app, peer, None, false).await,
                 // The handshake gets the same deadline as a request head.
                 Some(acceptor) => {
                     match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
@@ -119,7 +119,7 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(|c| crate::tls::describe(c));
-                            serve_io(&builder, watcher, tls, app, peer, cert).await;
+                            serve_io(&builder, watcher, tls, app, peer, cert, true).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -146,10 +146,11 @@ async fn serve_io<I>(
     app: Router,
     peer: SocketAddr,
     cert: Option<nimbus_core::ClientCert>,
+    tls: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move_app(app, peer, cert));
+    let svc = hyper::service::service_fn(move_app(app, peer, cert, tls));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let _ = watcher.watch(conn.into_owned()).await;
 }
@@ -160,9 +161,13 @@ fn move_app(
     app: Router,
     peer: SocketAddr,
     cert: Option<nimbus_core::ClientCert>,
+    tls: bool,
 ) -> impl Fn(http::Request<Incoming>) -> Oneshot<Router, http::Request<axum::body::Body>> + Clone {
     move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        if tls {
+            req.extensions_mut().insert(nimbus_core::TlsConnection);
+        }
         if let Some(c) = &cert {
             req.extensions_mut().insert(c.clone());
         }

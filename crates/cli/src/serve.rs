@@ -205,6 +205,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         jwt: jwt_rx,
         quotas: Arc::clone(&quotas),
         authorizers: Arc::default(),
+        upstreams: Arc::default(),
     });
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));

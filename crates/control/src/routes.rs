@@ -29,7 +29,48 @@ fn entry(req: AddRouteRequest) -> Result<RouteEntry, ApiError> {
         ));
     }
     nimbus_core::routes::validate_route_path(&req.path).map_err(|m| bad("path", m))?;
-    nimbus_core::manifest::validate_name(&req.function).map_err(|m| bad("function", m))?;
+    let upstream = if req.upstream.is_empty() {
+        nimbus_core::manifest::validate_name(&req.function).map_err(|m| bad("function", m))?;
+        Vec::new()
+    } else {
+        if !req.function.is_empty() {
+            return Err(bad(
+                "upstream",
+                "a route points at a function or at upstreams, not both".into(),
+            ));
+        }
+        nimbus_core::route_options::parse_upstreams(&req.upstream)
+            .map_err(|m| bad("upstream", m))?
+    };
+    let host = match req.host.as_deref() {
+        None | Some("") => String::new(),
+        Some(h) => nimbus_core::routes::validate_host(h).map_err(|m| bad("host", m))?,
+    };
+    let timeout_ms = match req.timeout.as_deref() {
+        None => None,
+        Some(t) => {
+            let ms = nimbus_core::duration::parse_duration(t)
+                .map_err(|m| bad("timeout", m))?
+                .as_millis() as u64;
+            if ms == 0 || ms > nimbus_core::manifest::TIMEOUT_MAX_MS {
+                return Err(bad("timeout", format!("`{t}` is outside 1ms..15m")));
+            }
+            Some(ms)
+        }
+    };
+    let upstream_down_for_ms = match req.upstream_down_for.as_deref() {
+        None => None,
+        Some(_) if upstream.is_empty() => {
+            return Err(bad(
+                "upstream_down_for",
+                "only applies to routes with upstreams".into(),
+            ));
+        }
+        Some(t) => Some(
+            nimbus_core::route_options::parse_down_for(t)
+                .map_err(|m| bad("upstream_down_for", m))?,
+        ),
+    };
     let auth = match req.auth.as_deref() {
         None | Some("none") => AuthKind::None,
         Some("api_key") => AuthKind::ApiKey,
@@ -56,12 +97,20 @@ fn entry(req: AddRouteRequest) -> Result<RouteEntry, ApiError> {
             rate: rate("rate", &req.rate)?,
             rate_per_ip: rate("rate_per_ip", &req.rate_per_ip)?,
             scopes: req.scopes,
+            timeout_ms,
+            upstream_down_for_ms,
             ..RouteOptions::default()
         },
         method,
         path: req.path,
+        alias: if upstream.is_empty() {
+            req.alias.unwrap_or_else(|| "live".into())
+        } else {
+            String::new()
+        },
         function: req.function,
-        alias: req.alias.unwrap_or_else(|| "live".into()),
+        host,
+        upstream,
         auth,
     })
 }
@@ -82,6 +131,8 @@ pub(crate) async fn add(
 pub(crate) struct RemoveQuery {
     method: String,
     path: String,
+    #[serde(default)]
+    host: String,
 }
 
 pub(crate) async fn remove(
@@ -91,9 +142,10 @@ pub(crate) async fn remove(
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let store = Arc::clone(&st.store);
     let method = q.method.to_ascii_uppercase();
+    let host = q.host.to_ascii_lowercase();
     blocking(move || {
         store
-            .remove_route(&method, &q.path)
+            .remove_route(&host, &method, &q.path)
             .map(Json)
             .map_err(ApiError::from_store)
     })
@@ -122,7 +174,58 @@ mod tests {
         .expect("ok");
         assert_eq!((e.method.as_str(), e.alias.as_str()), ("GET", "live"));
         assert_eq!(e.options.rate.map(|r| r.requests), Some(5));
+        let up = entry(AddRouteRequest {
+            function: String::new(),
+            upstream: vec!["http://127.0.0.1:9001/".into()],
+            host: Some("API.example.com".into()),
+            timeout: Some("2s".into()),
+            upstream_down_for: Some("1s".into()),
+            ..req()
+        })
+        .expect("upstream route");
+        assert_eq!(up.upstream, vec!["http://127.0.0.1:9001"]);
+        assert_eq!(
+            (up.host.as_str(), up.alias.as_str()),
+            ("api.example.com", "")
+        );
+        assert_eq!(up.options.timeout_ms, Some(2_000));
+        assert_eq!(up.options.upstream_down_for_ms, Some(1_000));
+        let upstream = |u: &str| AddRouteRequest {
+            function: String::new(),
+            upstream: vec![u.into()],
+            ..req()
+        };
         for (r, field) in [
+            (upstream("ftp://x"), "upstream"),
+            (upstream("http://a:b@x"), "upstream"),
+            (
+                AddRouteRequest {
+                    upstream: vec!["http://x".into()],
+                    ..req()
+                },
+                "upstream",
+            ),
+            (
+                AddRouteRequest {
+                    host: Some("a.b:1".into()),
+                    ..req()
+                },
+                "host",
+            ),
+            (
+                AddRouteRequest {
+                    upstream_down_for: Some("1s".into()),
+                    ..req()
+                },
+                "upstream_down_for",
+            ),
+            (
+                AddRouteRequest {
+                    timeout: Some("soon".into()),
+                    ..req()
+                },
+                "timeout",
+            ),
             (
                 AddRouteRequest {
                     method: "FETCH".into(),

@@ -276,6 +276,8 @@ pub struct CreatedKey {
 pub struct AddRouteRequest {
     pub method: String,
     pub path: String,
+    /// The target function; empty when the route points at `upstream`.
+    #[serde(default)]
     pub function: String,
     #[serde(default)]
     pub alias: Option<String>,
@@ -288,4 +290,16 @@ pub struct AddRouteRequest {
     pub rate: Option<String>,
     #[serde(default)]
     pub rate_per_ip: Option<String>,
+    /// Upstream URLs to proxy to instead of a function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<String>,
+    /// Only requests for this host (`api.example.com`, `*.example.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// How long the gateway waits (`5s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// How long a failed upstream is skipped (`10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_down_for: Option<String>,
 }

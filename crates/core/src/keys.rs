@@ -18,8 +18,10 @@ pub const PREFIX: &str = "nmb_";
 const ID_HEX: usize = 12;
 const SECRET_HEX: usize = 64;
 
-/// What a scope may grant. `invoke:F` calls function F through the gateway,
-/// `publish:T` publishes to topic T, `connections` pushes to WebSocket connections.
+/// What a scope may grant. `invoke:F` calls function F through the gateway (and the
+/// upstream routes F's manifest declares), `invoke:*` every route including upstream
+/// routes no function owns (`route add --upstream`), `publish:T` publishes to topic T,
+/// `connections` pushes to WebSocket connections.
 pub const ACTIONS: &[&str] = &["invoke", "publish", "connections"];
 
 /// A freshly made key: the full text (shown once) and what is stored.

@@ -54,6 +54,11 @@ pub fn short_random_id() -> String {
     format!("{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
 }
 
+/// Marks a request that arrived over TLS (the listener attaches it), so what the
+/// gateway tells upstreams (`X-Forwarded-Proto`) is true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsConnection;
+
 /// A TLS client certificate the listener verified against its client CA (mTLS). The
 /// listener attaches it to each request of the connection; the gateway requires it on
 /// `auth = "mtls"` routes and hands it to functions as API Gateway does

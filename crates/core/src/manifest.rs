@@ -123,6 +123,12 @@ pub struct RouteSpec {
     /// Upper-case method, or `ANY`.
     pub method: String,
     pub path: String,
+    /// Only requests for this host; empty: any host.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    /// Upstream URLs the gateway proxies to instead of invoking the function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<String>,
     #[serde(default)]
     pub auth: AuthKind,
     #[serde(
@@ -133,9 +139,13 @@ pub struct RouteSpec {
 }
 
 impl RouteSpec {
-    /// `GET /hello/{name}`: API Gateway's route key.
+    /// `GET /hello/{name}`: API Gateway's route key (`GET host/path` on a host).
     pub fn route_key(&self) -> String {
-        format!("{} {}", self.method, self.path)
+        if self.host.is_empty() {
+            format!("{} {}", self.method, self.path)
+        } else {
+            format!("{} {}{}", self.method, self.host, self.path)
+        }
     }
 }
 
@@ -231,6 +241,9 @@ struct RawRoute {
     response_headers: Option<crate::route_options::RawHeaderRewrite>,
     transform_request: Option<String>,
     transform_response: Option<String>,
+    host: Option<String>,
+    upstream: Option<Vec<String>>,
+    upstream_down_for: Option<String>,
 }
 
 pub const METHODS: &[&str] = &[
@@ -553,15 +566,44 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             crate::route_options::parse_route_rate(r.rate).map_err(|m| err(&field("rate"), m))?;
         let rate_per_ip = crate::route_options::parse_route_rate(r.rate_per_ip)
             .map_err(|m| err(&field("rate_per_ip"), m))?;
+        let host = match &r.host {
+            None => String::new(),
+            Some(h) => crate::routes::validate_host(h).map_err(|m| err(&field("host"), m))?,
+        };
+        let upstream = match &r.upstream {
+            None => Vec::new(),
+            Some(u) => {
+                crate::route_options::parse_upstreams(u).map_err(|m| err(&field("upstream"), m))?
+            }
+        };
+        let upstream_down_for_ms = match &r.upstream_down_for {
+            None => None,
+            Some(_) if upstream.is_empty() => {
+                return Err(err(
+                    &field("upstream_down_for"),
+                    "only applies to routes with an `upstream` list".into(),
+                ));
+            }
+            Some(t) => Some(
+                crate::route_options::parse_down_for(t)
+                    .map_err(|m| err(&field("upstream_down_for"), m))?,
+            ),
+        };
+        // An upstream route's wait has nothing to do with the function's timeout.
+        let route_timeout_max = if upstream.is_empty() {
+            timeout_ms
+        } else {
+            TIMEOUT_MAX_MS
+        };
         let route_timeout_ms = match &r.timeout {
             None => None,
             Some(v) => {
                 let ms = duration_value_ms(v).map_err(|m| err(&field("timeout"), m))?;
-                if ms == 0 || ms > timeout_ms {
+                if ms == 0 || ms > route_timeout_max {
                     return Err(err(
                         &field("timeout"),
                         format!(
-                            "must be more than 0 and at most the function's timeout ({timeout_ms} ms)"
+                            "must be more than 0 and at most {route_timeout_max} ms (the function's timeout, or 15m for an upstream route)"
                         ),
                     ));
                 }
@@ -579,17 +621,21 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             response_headers,
             transform_request: r.transform_request,
             transform_response: r.transform_response,
+            upstream_down_for_ms,
         };
         let spec = RouteSpec {
             method,
             path,
+            host,
+            upstream,
             auth,
             options,
         };
-        if let Some(prev) = routes
-            .iter()
-            .find(|p| p.method == spec.method && crate::routes::same_shape(&p.path, &spec.path))
-        {
+        if let Some(prev) = routes.iter().find(|p| {
+            p.method == spec.method
+                && p.host == spec.host
+                && crate::routes::same_shape(&p.path, &spec.path)
+        }) {
             return Err(err(
                 &field("path"),
                 format!(
@@ -744,6 +790,49 @@ path = "/files/{proxy+}"
         assert!(e.message.contains("duplicate route"), "{}", e.message);
         let e = field_err(&base("[[http]]\nmethod = \"FETCH\"\npath = \"/a\""));
         assert_eq!(e.field, "http[0].method");
+    }
+
+    #[test]
+    fn upstream_and_host_routes_parse_or_name_the_field() {
+        let c = parse_manifest(
+            "x",
+            &base(
+                "[[http]]\npath = \"/legacy/{proxy+}\"\nhost = \"*.Example.com\"\nupstream = [\"http://127.0.0.1:9001/\", \"http://127.0.0.1:9002/base\"]\nupstream_down_for = \"2s\"\ntimeout = \"60s\"",
+            ),
+        )
+        .expect("valid");
+        let r = &c.routes[0];
+        assert_eq!(r.host, "*.example.com");
+        assert_eq!(
+            r.upstream,
+            vec!["http://127.0.0.1:9001", "http://127.0.0.1:9002/base"]
+        );
+        assert_eq!(r.options.upstream_down_for_ms, Some(2_000));
+        assert_eq!(r.options.timeout_ms, Some(60_000));
+        assert_eq!(r.route_key(), "ANY *.example.com/legacy/{proxy+}");
+        for (extra, f) in [
+            ("upstream = [\"ftp://a\"]", "http[0].upstream"),
+            ("upstream = []", "http[0].upstream"),
+            ("upstream = [\"http://u:p@a\"]", "http[0].upstream"),
+            ("upstream = [\"http://a?q=1\"]", "http[0].upstream"),
+            ("host = \"a.b:80\"", "http[0].host"),
+            ("upstream_down_for = \"5s\"", "http[0].upstream_down_for"),
+            (
+                "upstream = [\"http://a\"]\nupstream_down_for = \"5h\"",
+                "http[0].upstream_down_for",
+            ),
+        ] {
+            let e = field_err(&base(&format!("[[http]]\npath = \"/a\"\n{extra}")));
+            assert_eq!(e.field, f, "{extra}: {e}");
+        }
+        // The same path on two hosts is two routes.
+        assert!(
+            parse_manifest(
+                "x",
+                &base("[[http]]\npath = \"/a\"\nhost = \"a.test\"\n[[http]]\npath = \"/a\""),
+            )
+            .is_ok()
+        );
     }
 
     #[test]

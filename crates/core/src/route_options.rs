@@ -40,6 +40,10 @@ pub struct RouteOptions {
     /// A function given the request and the response that returns the response changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform_response: Option<String>,
+    /// How long an upstream that failed is skipped (default
+    /// [`DEFAULT_UPSTREAM_DOWN_FOR_MS`]); upstream routes only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_down_for_ms: Option<u64>,
 }
 
 /// A Lambda authorizer (API Gateway HTTP API, payload 2.0, simple responses).
@@ -154,6 +158,42 @@ pub(crate) fn parse_rewrite(raw: RawHeaderRewrite) -> Result<HeaderRewrite, (Str
         return Err(("set".into(), "at most 64 headers per rewrite".into()));
     }
     Ok(out)
+}
+
+/// How long an upstream that failed (connect error, timeout, 502/503/504) is skipped.
+pub const DEFAULT_UPSTREAM_DOWN_FOR_MS: u64 = 10_000;
+/// How long the gateway waits for an upstream's answer when the route names no timeout.
+pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 30_000;
+/// At most this many upstreams per route.
+pub const MAX_UPSTREAMS: usize = 32;
+
+/// Validates a route's upstream list (non-empty, each URL valid, no duplicates),
+/// normalized.
+pub fn parse_upstreams(urls: &[String]) -> Result<Vec<String>, String> {
+    if urls.is_empty() {
+        return Err("give at least one URL (e.g. [\"http://127.0.0.1:9001\"])".into());
+    }
+    if urls.len() > MAX_UPSTREAMS {
+        return Err(format!("at most {MAX_UPSTREAMS} upstreams per route"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(urls.len());
+    for u in urls {
+        let v = crate::routes::validate_upstream_url(u)?;
+        if out.contains(&v) {
+            return Err(format!("`{u}` is listed twice"));
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// `upstream_down_for`: a duration between 100 ms and 1 h.
+pub fn parse_down_for(text: &str) -> Result<u64, String> {
+    let ms = crate::duration::parse_duration(text)?.as_millis() as u64;
+    if !(100..=3_600_000).contains(&ms) {
+        return Err(format!("`{text}` is outside the allowed range 100ms..1h"));
+    }
+    Ok(ms)
 }
 
 impl RouteOptions {

@@ -1,13 +1,14 @@
 //! nimbus-gateway: the data-plane HTTP entry point for functions.
 //!
-//! Owns: matching a request against the route table, what a route demands of its
-//! callers (CORS, rate limits per client, route and key, API keys, JWTs, mTLS client
-//! certificates), turning the request into an API Gateway HTTP API payload 2.0 event,
-//! invoking the function through [`Invoker`], mapping the function's answer back to an
-//! HTTP response (Lambda's proxy-integration rules), and the gateway's metrics and
-//! access log.
+//! Owns: matching a request against the route table (by host, method and path),
+//! what a route demands of its callers (CORS, rate limits per client, route and key,
+//! API keys, JWTs, mTLS client certificates), turning the request into an API Gateway
+//! HTTP API payload 2.0 event, invoking the function through [`Invoker`], mapping the
+//! function's answer back to an HTTP response (Lambda's proxy-integration rules), or,
+//! for an upstream route, proxying to its HTTP services (`upstream`), and the
+//! gateway's metrics and access log.
 //!
-//! Must not touch: the store, instances, the control API, sockets or TLS. It sees
+//! Must not touch: the store, instances, the control API, listening sockets or TLS. It sees
 //! routes, API keys and JWT keys only as `watch` snapshots that `cli` builds (from the
 //! store's change feed, a JWKS), client certificates only as the [`nimbus_core::ClientCert`]
 //! the listener attached, and functions only through `Arc<dyn Invoker>`.
@@ -21,6 +22,7 @@ mod jwt;
 mod limits;
 mod observe;
 mod quota;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +45,7 @@ pub use hooks::AuthorizerCache;
 pub use jwt::JwtConfig;
 pub use limits::Buckets;
 pub use quota::{Counted, Quotas};
+pub use upstream::Upstreams;
 
 #[derive(Clone)]
 pub struct GatewayState {
@@ -61,6 +64,8 @@ pub struct GatewayState {
     pub quotas: Arc<Quotas>,
     /// Answers of Lambda authorizers, by route and identity.
     pub authorizers: Arc<AuthorizerCache>,
+    /// The proxy client and upstream health; like the buckets, outlives snapshots.
+    pub upstreams: Arc<Upstreams>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -127,16 +132,18 @@ async fn dispatch(
     let (parts, body) = req.into_parts();
     let method = parts.method.as_str().to_string();
     let raw_path = parts.uri.path().to_string();
+    let host = request_host_raw(&parts).and_then(|h| nimbus_core::routes::request_host(&h));
+    let host = host.as_deref();
     let table = st.routes.borrow().clone();
     // A preflight asks about the route of the method it names; the gateway answers it
     // when that route has CORS rules (otherwise OPTIONS is routed like any method).
     if let Some(wanted) = cors::preflight_method(&method, &parts.headers)
-        && let Some(found) = table.lookup(&wanted, &raw_path)
+        && let Some(found) = table.lookup(&wanted, host, &raw_path)
         && let Some(rules) = &found.entry.options.cors
     {
         return cors::preflight(rules, &parts.headers, &wanted);
     }
-    let Some(found) = table.lookup(&method, &raw_path) else {
+    let Some(found) = table.lookup(&method, host, &raw_path) else {
         return error_response(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -219,12 +226,19 @@ pub(crate) async fn admit(
         AuthKind::None => None,
         AuthKind::ApiKey => {
             let keys = st.keys.borrow().clone();
+            // A route no function owns is granted only by `invoke:*`: asking for the
+            // resource `*` matches no narrower scope.
+            let resource = if entry.function.is_empty() {
+                "*"
+            } else {
+                entry.function.as_str()
+            };
             match auth::check_api_key(
                 &keys,
                 &st.limiters,
                 &st.quotas,
                 &parts.headers,
-                &entry.function,
+                resource,
                 nimbus_core::now_ms(),
             ) {
                 Ok(mut c) => {
@@ -305,10 +319,7 @@ async fn serve_route(
     if let Some(rw) = &opts.request_headers {
         hooks::rewrite(&mut parts.headers, rw);
     }
-    let body = match read_limited(body, st.max_body).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
+    let is_upstream = !found.entry.upstream.is_empty();
     let event = |parts: &http::request::Parts, body: &[u8]| {
         request_event(
             found,
@@ -320,21 +331,43 @@ async fn serve_route(
             request_id,
         )
     };
-    let (parts, body) = match &opts.transform_request {
-        None => (parts, body),
-        Some(f) => {
-            let ev = event(&parts, &body);
-            match hooks::transform_request(st, f, parts, body, ev, request_id).await {
-                Ok(hooks::Transformed::Request(p, b)) => (p, b),
-                Ok(hooks::Transformed::Respond(r)) => {
-                    return with_headers(r, admitted.rate_headers);
+    // An upstream's request body streams through unless a transform must see it whole.
+    let (parts, body, stream) = if is_upstream && opts.transform_request.is_none() {
+        (parts, Bytes::new(), Some(body))
+    } else {
+        let body = match read_limited(body, st.max_body).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        match &opts.transform_request {
+            None => (parts, body, None),
+            Some(f) => {
+                let ev = event(&parts, &body);
+                match hooks::transform_request(st, f, parts, body, ev, request_id).await {
+                    Ok(hooks::Transformed::Request(p, b)) => (p, b, None),
+                    Ok(hooks::Transformed::Respond(r)) => {
+                        return with_headers(r, admitted.rate_headers);
+                    }
+                    Err(r) => return r,
                 }
-                Err(r) => return r,
             }
         }
     };
-    let mut resp =
-        invoke_function(st, found, route_key, &parts, &body, &admitted, request_id).await;
+    let mut resp = if is_upstream {
+        let body = stream.unwrap_or_else(|| Body::from(body.clone()));
+        upstream::proxy(
+            st,
+            found.entry,
+            route_key,
+            &parts,
+            body,
+            &admitted,
+            request_id,
+        )
+        .await
+    } else {
+        invoke_function(st, found, route_key, &parts, &body, &admitted, request_id).await
+    };
     if let Some(f) = &opts.transform_response {
         let ev = event(&parts, &body);
         resp = hooks::transform_response(st, f, ev, &parts, resp, request_id).await;
@@ -501,15 +534,32 @@ pub fn invoke_error_response(e: &InvokeError) -> Response {
     }
 }
 
+/// The host a request named: `Host` (HTTP/1.1) or `:authority` (HTTP/2), as sent.
+pub(crate) fn request_host_raw(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+pub(crate) fn payload_too_large(limit: usize) -> Response {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        &format!("request body exceeds {limit} bytes"),
+    )
+}
+
 /// Reads a body up to `limit` bytes; past it, 413 with the JSON error body.
 pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
-    let too_large = || {
-        error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            &format!("request body exceeds {limit} bytes"),
-        )
-    };
+    let too_large = || payload_too_large(limit);
     // A declared Content-Length over the limit is refused before reading a byte.
     if http_body::Body::size_hint(&body).lower() > limit as u64 {
         return Err(too_large());

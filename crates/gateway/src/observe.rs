@@ -9,6 +9,10 @@
 //! - `nimbus_gateway_auth_failures_total{route,status}` counter (401 and 403)
 //! - `nimbus_gateway_throttles_total{route,limit}` counter, `limit` = `client` |
 //!   `route` | `key`
+//! - `nimbus_gateway_upstream_requests_total{route,upstream,status}` counter, one per
+//!   attempt; `status` is the upstream's HTTP status, or `connect_error` | `timeout` |
+//!   `error`
+//! - `nimbus_gateway_upstream_marked_down_total{upstream}` counter
 
 use http::HeaderMap;
 
@@ -39,6 +43,24 @@ pub fn throttled(route: &str, limit: &'static str) {
         "nimbus_gateway_throttles_total",
         "route" => route.to_string(),
         "limit" => limit,
+    )
+    .increment(1);
+}
+
+pub fn upstream_request(route: &str, upstream: &str, status: &str) {
+    metrics::counter!(
+        "nimbus_gateway_upstream_requests_total",
+        "route" => route.to_string(),
+        "upstream" => upstream.to_string(),
+        "status" => status.to_string(),
+    )
+    .increment(1);
+}
+
+pub fn upstream_marked_down(upstream: &str) {
+    metrics::counter!(
+        "nimbus_gateway_upstream_marked_down_total",
+        "upstream" => upstream.to_string(),
     )
     .increment(1);
 }

@@ -213,6 +213,8 @@ impl Store {
         for route in &config.routes {
             validate_route_path(&route.path)
                 .map_err(|m| Error::Invalid(format!("route `{}`: {m}", route.route_key())))?;
+            validate_route_target(&route.host, &route.upstream)
+                .map_err(|m| Error::Invalid(format!("route `{}`: {m}", route.route_key())))?;
         }
         // serde_json writes struct fields in declaration order and `env` is a BTreeMap,
         // so equal configs always serialize to equal bytes.
@@ -281,6 +283,8 @@ impl Store {
                     path: r.path.clone(),
                     function: name.to_string(),
                     alias: LIVE_ALIAS.to_string(),
+                    host: r.host.clone(),
+                    upstream: r.upstream.clone(),
                     auth: r.auth,
                     options: r.options.clone(),
                 })
@@ -525,17 +529,31 @@ impl Store {
 
     /// Installs a route outside the manifest (it survives deploys). Rejects a route
     /// that conflicts with any installed one.
+    ///
+    /// A route points at a function's alias or, with no function, at upstreams.
     pub fn add_route(&self, route: &RouteEntry) -> Result<()> {
-        validate_route_path(&route.path)
-            .map_err(|m| Error::Invalid(format!("route `{}`: {m}", route.route_key())))?;
+        let invalid = |m: String| Error::Invalid(format!("route `{}`: {m}", route.route_key()));
+        validate_route_path(&route.path).map_err(invalid)?;
+        validate_route_target(&route.host, &route.upstream).map_err(invalid)?;
+        match (route.function.is_empty(), route.upstream.is_empty()) {
+            (true, true) => return Err(invalid("needs a function or upstreams".into())),
+            (false, false) => {
+                return Err(invalid(
+                    "points at a function or at upstreams, not both".into(),
+                ));
+            }
+            _ => {}
+        }
         let now = now();
         self.write(|tx| {
-            require_function(tx, &route.function)?;
-            if alias_version(tx, &route.function, &route.alias)?.is_none() {
-                return Err(Error::NotFound(format!(
-                    "alias `{}` of `{}` not found",
-                    route.alias, route.function
-                )));
+            if !route.function.is_empty() {
+                require_function(tx, &route.function)?;
+                if alias_version(tx, &route.function, &route.alias)?.is_none() {
+                    return Err(Error::NotFound(format!(
+                        "alias `{}` of `{}` not found",
+                        route.alias, route.function
+                    )));
+                }
             }
             let mut all = routes_tx(tx, "", [])?;
             all.push(route.clone());
@@ -546,13 +564,15 @@ impl Store {
     }
 
     /// Removes a route added with [`Store::add_route`]; manifest routes change by deploy.
-    pub fn remove_route(&self, method: &str, path: &str) -> Result<RouteEntry> {
+    /// `host` is `""` for a host-less route.
+    pub fn remove_route(&self, host: &str, method: &str, path: &str) -> Result<RouteEntry> {
         self.write(|tx| {
-            let key = format!("{method} {path}");
+            let key = format!("{method} {host}{path}");
             let found: Option<(String, String)> = tx
                 .query_row(
-                    "SELECT function, source FROM routes WHERE method = ?1 AND path = ?2",
-                    params![method, path],
+                    "SELECT COALESCE(function, ''), source FROM routes
+                     WHERE host = ?1 AND method = ?2 AND path = ?3",
+                    params![host, method, path],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
@@ -564,12 +584,16 @@ impl Store {
                     "route `{key}` comes from the manifest of `{function}`; change its nimbus.toml and deploy"
                 )));
             }
-            let entry = routes_tx(tx, "WHERE method = ?1 AND path = ?2", [method, path])?
-                .pop()
-                .ok_or_else(|| Error::NotFound(format!("route `{key}` not found")))?;
+            let entry = routes_tx(
+                tx,
+                "WHERE host = ?1 AND method = ?2 AND path = ?3",
+                [host, method, path],
+            )?
+            .pop()
+            .ok_or_else(|| Error::NotFound(format!("route `{key}` not found")))?;
             tx.execute(
-                "DELETE FROM routes WHERE method = ?1 AND path = ?2",
-                params![method, path],
+                "DELETE FROM routes WHERE host = ?1 AND method = ?2 AND path = ?3",
+                params![host, method, path],
             )?;
             Ok((entry, true))
         })
@@ -856,24 +880,41 @@ fn auth_to_str(auth: AuthKind) -> Result<String> {
     }
 }
 
+/// The checks every stored route's host and upstreams pass, whoever made it.
+fn validate_route_target(host: &str, upstream: &[String]) -> std::result::Result<(), String> {
+    if !host.is_empty() && nimbus_core::routes::validate_host(host)? != host {
+        return Err(format!("host `{host}` must be lower-case"));
+    }
+    if !upstream.is_empty() {
+        nimbus_core::route_options::parse_upstreams(upstream)?;
+    }
+    Ok(())
+}
+
 fn insert_route(
     tx: &Transaction<'_>,
     route: &RouteEntry,
     source: RouteSource,
     now: &str,
 ) -> Result<()> {
+    // No function is NULL, so the foreign keys leave a function-less route alone.
+    let function = (!route.function.is_empty()).then_some(route.function.as_str());
+    let alias = function.map(|_| route.alias.as_str());
     tx.execute(
-        "INSERT INTO routes (method, path, function, alias, auth, source, created_at, options)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO routes
+           (host, method, path, function, alias, auth, source, created_at, options, upstream)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
+            route.host,
             route.method,
             route.path,
-            route.function,
-            route.alias,
+            function,
+            alias,
             auth_to_str(route.auth)?,
             source.as_str(),
             now,
-            serde_json::to_string(&route.options).map_err(Error::EncodeConfig)?
+            serde_json::to_string(&route.options).map_err(Error::EncodeConfig)?,
+            serde_json::to_string(&route.upstream).map_err(Error::EncodeConfig)?,
         ],
     )?;
     Ok(())
@@ -885,7 +926,9 @@ fn routes_tx<P: rusqlite::Params>(
     params: P,
 ) -> Result<Vec<RouteEntry>> {
     let sql = format!(
-        "SELECT method, path, function, alias, auth, options FROM routes {filter} ORDER BY path, method"
+        "SELECT method, path, COALESCE(function, ''), COALESCE(alias, ''), auth, options, host,
+                upstream
+         FROM routes {filter} ORDER BY path, method, host"
     );
     let mut stmt = tx.prepare(&sql)?;
     let raws = stmt
@@ -896,16 +939,23 @@ fn routes_tx<P: rusqlite::Params>(
                     path: r.get(1)?,
                     function: r.get(2)?,
                     alias: r.get(3)?,
+                    host: r.get(6)?,
+                    upstream: Vec::new(),
                     auth: AuthKind::None,
                     options: Default::default(),
                 },
                 r.get::<_, String>(4)?,
                 r.get::<_, String>(5)?,
+                r.get::<_, String>(7)?,
             ))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     raws.into_iter()
-        .map(|(mut entry, auth, options)| {
+        .map(|(mut entry, auth, options, upstream)| {
+            entry.upstream = serde_json::from_str(&upstream).map_err(|source| Error::Corrupt {
+                what: format!("upstreams of route `{}`", entry.route_key()),
+                source,
+            })?;
             entry.options = serde_json::from_str(&options).map_err(|source| Error::Corrupt {
                 what: format!("options of route `{}`", entry.route_key()),
                 source,

@@ -147,6 +147,36 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (key_id, period_start_ms)
     ) STRICT;
     "#,
+    // 8: routes to upstream HTTP services and per-host routes. A route added with
+    // `route add --upstream` belongs to no function, so `function`/`alias` become
+    // nullable (SQLite checks no foreign key with a NULL column); a manifest's
+    // upstream route keeps its function as owner, so its deploy and delete still
+    // reach it. The key gains the host ('' = any). SQLite cannot change a key or a
+    // NOT NULL in place: rebuild. Nothing references `routes`, so dropping it with
+    // foreign keys on is safe.
+    r#"
+    CREATE TABLE routes_v7 (
+        host        TEXT NOT NULL DEFAULT '',
+        method      TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        function    TEXT REFERENCES functions (name) ON DELETE CASCADE,
+        alias       TEXT,
+        auth        TEXT NOT NULL,
+        source      TEXT NOT NULL CHECK (source IN ('manifest', 'api')),
+        created_at  TEXT NOT NULL,
+        options     TEXT NOT NULL DEFAULT '{}',
+        upstream    TEXT NOT NULL DEFAULT '[]',
+        PRIMARY KEY (host, method, path),
+        FOREIGN KEY (function, alias) REFERENCES aliases (function, name),
+        CHECK ((function IS NULL) = (alias IS NULL)),
+        CHECK (function IS NOT NULL OR upstream <> '[]')
+    ) STRICT;
+    INSERT INTO routes_v7 (host, method, path, function, alias, auth, source, created_at, options)
+        SELECT '', method, path, function, alias, auth, source, created_at, options FROM routes;
+    DROP TABLE routes;
+    ALTER TABLE routes_v7 RENAME TO routes;
+    CREATE INDEX routes_by_function ON routes (function);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -200,6 +230,62 @@ mod tests {
         // Running again must be a no-op, not a "table already exists" error.
         migrate(&mut conn).expect("second migration");
         assert_eq!(user_version(&conn), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn step_7_keeps_routes_and_allows_function_less_ones() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.pragma_update(None, "foreign_keys", true).expect("fk");
+        let tx = conn.transaction().expect("tx");
+        for step in &MIGRATIONS[..6] {
+            tx.execute_batch(step).expect("old step");
+        }
+        tx.pragma_update(None, "user_version", 6).expect("version");
+        tx.execute_batch(
+            "INSERT INTO functions VALUES ('f', 'now', 'now', 1, NULL, NULL);
+             INSERT INTO versions VALUES ('f', 1, 'd', 1, '{}', 'h', 'now');
+             INSERT INTO aliases VALUES ('f', 'live', 1, 'now');
+             INSERT INTO routes (method, path, function, alias, auth, source, created_at, options)
+                 VALUES ('GET', '/x', 'f', 'live', 'none', 'api', 'now', '{\"rate\":null}');",
+        )
+        .expect("old rows");
+        tx.commit().expect("commit");
+        migrate(&mut conn).expect("step 7");
+        let row: (String, String, String, String) = conn
+            .query_row(
+                "SELECT host, function, options, upstream FROM routes WHERE path = '/x'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .expect("kept");
+        assert_eq!(
+            row,
+            ("".into(), "f".into(), "{\"rate\":null}".into(), "[]".into())
+        );
+        conn.execute(
+            "INSERT INTO routes (host, method, path, auth, source, created_at, upstream)
+             VALUES ('', 'GET', '/x', 'none', 'api', 'now', '[\"http://a\"]')",
+            [],
+        )
+        .expect_err("same key");
+        conn.execute(
+            "INSERT INTO routes (host, method, path, auth, source, created_at, upstream)
+             VALUES ('a.test', 'GET', '/x', 'none', 'api', 'now', '[\"http://a\"]')",
+            [],
+        )
+        .expect("function-less route on another host");
+        conn.execute(
+            "INSERT INTO routes (host, method, path, auth, source, created_at)
+             VALUES ('', 'GET', '/y', 'none', 'api', 'now')",
+            [],
+        )
+        .expect_err("a route needs a function or upstreams");
+        conn.execute("DELETE FROM functions WHERE name = 'f'", [])
+            .expect("cascade");
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM routes", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(left, 1);
     }
 
     #[test]

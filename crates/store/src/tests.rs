@@ -300,6 +300,8 @@ fn redeploy_replaces_manifest_routes_but_keeps_api_routes() {
             path: "/extra/{rest+}".into(),
             function: "a".into(),
             alias: "live".into(),
+            host: String::new(),
+            upstream: Vec::new(),
             auth: AuthKind::ApiKey,
             options: nimbus_core::route_options::RouteOptions {
                 rate: nimbus_core::keys::parse_rate("5/s").ok(),
@@ -322,16 +324,19 @@ fn redeploy_replaces_manifest_routes_but_keeps_api_routes() {
     assert!(routes[1].options.is_empty());
     assert!(RouteTable::build(routes).is_ok());
 
-    let err = f.store.remove_route("GET", "/two").expect_err("manifest");
+    let err = f
+        .store
+        .remove_route("", "GET", "/two")
+        .expect_err("manifest");
     assert!(matches!(err, Error::Conflict(_)), "{err}");
     let removed = f
         .store
-        .remove_route("ANY", "/extra/{rest+}")
+        .remove_route("", "ANY", "/extra/{rest+}")
         .expect("remove api route");
     assert_eq!(removed.function, "a");
     let err = f
         .store
-        .remove_route("ANY", "/extra/{rest+}")
+        .remove_route("", "ANY", "/extra/{rest+}")
         .expect_err("gone");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
 }
@@ -347,6 +352,8 @@ fn add_route_checks_alias_and_conflicts() {
         path: "/beta".into(),
         function: "a".into(),
         alias: "beta".into(),
+        host: String::new(),
+        upstream: Vec::new(),
         auth: AuthKind::None,
         options: Default::default(),
     };
@@ -359,6 +366,53 @@ fn add_route_checks_alias_and_conflicts() {
     route.path = "/v1/x".into();
     let err = f.store.add_route(&route).expect_err("reserved");
     assert!(matches!(err, Error::Invalid(_)), "{err}");
+}
+
+#[test]
+fn upstream_routes_need_no_function_and_hosts_are_part_of_the_key() {
+    let f = fixture();
+    f.store
+        .deploy("sha256:aaa", 1, &config("a", &["GET /one"]))
+        .expect("deploy");
+    let up = |host: &str| RouteEntry {
+        method: "GET".into(),
+        path: "/one".into(),
+        function: String::new(),
+        alias: String::new(),
+        host: host.into(),
+        upstream: vec!["http://127.0.0.1:9001".into()],
+        auth: AuthKind::None,
+        options: Default::default(),
+    };
+    let err = f.store.add_route(&up("")).expect_err("same host and path");
+    assert!(matches!(err, Error::RouteConflict(_)), "{err}");
+    f.store.add_route(&up("a.test")).expect("other host");
+    f.store.add_route(&up("*.b.test")).expect("wildcard host");
+    let err = f
+        .store
+        .add_route(&up("A.test"))
+        .expect_err("upper-case host");
+    assert!(matches!(err, Error::Invalid(_)), "{err}");
+    let mut bad = up("b.test");
+    bad.upstream = vec!["http://u:p@x".into()];
+    assert!(matches!(f.store.add_route(&bad), Err(Error::Invalid(_))));
+    bad.upstream.clear();
+    assert!(matches!(f.store.add_route(&bad), Err(Error::Invalid(_))));
+
+    let routes = f.store.routes().expect("routes");
+    let keys: Vec<String> = routes.iter().map(RouteEntry::route_key).collect();
+    assert_eq!(keys, vec!["GET /one", "GET *.b.test/one", "GET a.test/one"]);
+    assert_eq!(routes[2].upstream, vec!["http://127.0.0.1:9001"]);
+    assert!(routes[2].function.is_empty());
+
+    let removed = f.store.remove_route("a.test", "GET", "/one").expect("rm");
+    assert_eq!(removed.host, "a.test");
+    assert_eq!(f.store.routes().expect("routes").len(), 2);
+    // Deleting the function leaves the routes no function owns.
+    f.store.delete_function("a").expect("delete");
+    let left = f.store.routes().expect("routes");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].host, "*.b.test");
 }
 
 #[test]
