@@ -57,6 +57,7 @@ fn entry(req: AddRouteRequest) -> Result<RouteEntry, ApiError> {
             rate_per_ip: rate("rate_per_ip", &req.rate_per_ip)?,
             scopes: req.scopes,
             timeout_ms: None,
+            websocket: false,
         },
         method,
         path: req.path,

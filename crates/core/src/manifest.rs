@@ -198,6 +198,8 @@ struct RawManifest {
     #[serde(default)]
     http: Vec<RawRoute>,
     #[serde(default)]
+    websocket: Vec<RawWebSocket>,
+    #[serde(default)]
     cron: Vec<toml::Value>,
     #[serde(default)]
     events: Vec<toml::Value>,
@@ -222,6 +224,17 @@ struct RawRoute {
     rate_per_ip: Option<String>,
     scopes: Option<Vec<String>>,
     timeout: Option<toml::Value>,
+}
+
+/// A `[[websocket]]` table: a path whose connections reach the function.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebSocket {
+    path: Option<String>,
+    auth: Option<String>,
+    rate: Option<String>,
+    rate_per_ip: Option<String>,
+    scopes: Option<Vec<String>>,
 }
 
 pub const METHODS: &[&str] = &[
@@ -438,30 +451,8 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             .path
             .ok_or_else(|| err(&field("path"), "is required".into()))?;
         validate_route_path(&path).map_err(|m| err(&field("path"), m))?;
-        let auth = match r.auth.as_deref() {
-            None | Some("none") => AuthKind::None,
-            Some("api_key") => AuthKind::ApiKey,
-            Some("jwt") => AuthKind::Jwt,
-            Some("mtls") => AuthKind::Mtls,
-            Some(other) => {
-                return Err(err(
-                    &field("auth"),
-                    format!("unknown value `{other}`; allowed: none, api_key, jwt, mtls"),
-                ));
-            }
-        };
-        let scopes = r.scopes.unwrap_or_default();
-        if !scopes.is_empty() && auth != AuthKind::Jwt {
-            return Err(err(
-                &field("scopes"),
-                "only applies to auth = \"jwt\" routes (API keys carry their own scopes)".into(),
-            ));
-        }
-        if let Some(bad) = scopes.iter().find(|s| {
-            s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_whitespace() || c.is_control())
-        }) {
-            return Err(err(&field("scopes"), format!("`{bad}` is not a scope")));
-        }
+        let auth = parse_auth(r.auth.as_deref()).map_err(|m| err(&field("auth"), m))?;
+        let scopes = parse_scopes(auth, r.scopes).map_err(|m| err(&field("scopes"), m))?;
         let cors = r
             .cors
             .map(crate::route_options::parse_cors)
@@ -492,6 +483,7 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             rate_per_ip,
             scopes,
             timeout_ms: route_timeout_ms,
+            websocket: false,
         };
         let spec = RouteSpec {
             method,
@@ -509,6 +501,52 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                     "duplicate route `{}`: it overlaps `{}`",
                     spec.route_key(),
                     prev.route_key()
+                ),
+            ));
+        }
+        routes.push(spec);
+    }
+
+    // A WebSocket route is a `GET` route with `options.websocket`: the route table
+    // checks it against every other route, here and at deploy.
+    for (i, w) in raw.websocket.into_iter().enumerate() {
+        let field = |f: &str| format!("websocket[{i}].{f}");
+        let path = w
+            .path
+            .ok_or_else(|| err(&field("path"), "is required".into()))?;
+        validate_route_path(&path).map_err(|m| err(&field("path"), m))?;
+        let auth = parse_auth(w.auth.as_deref()).map_err(|m| err(&field("auth"), m))?;
+        let scopes = parse_scopes(auth, w.scopes).map_err(|m| err(&field("scopes"), m))?;
+        let rate =
+            crate::route_options::parse_route_rate(w.rate).map_err(|m| err(&field("rate"), m))?;
+        let rate_per_ip = crate::route_options::parse_route_rate(w.rate_per_ip)
+            .map_err(|m| err(&field("rate_per_ip"), m))?;
+        let spec = RouteSpec {
+            method: "GET".into(),
+            path,
+            auth,
+            options: crate::route_options::RouteOptions {
+                rate,
+                rate_per_ip,
+                scopes,
+                websocket: true,
+                ..Default::default()
+            },
+        };
+        if let Some(prev) = routes
+            .iter()
+            .find(|p| p.method == "GET" && crate::routes::same_shape(&p.path, &spec.path))
+        {
+            let what = if prev.options.websocket {
+                format!("websocket `{}`", prev.path)
+            } else {
+                format!("route `{}`", prev.route_key())
+            };
+            return Err(err(
+                &field("path"),
+                format!(
+                    "`{}` overlaps {what} (a WebSocket is a GET route)",
+                    spec.path
                 ),
             ));
         }
@@ -537,6 +575,33 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         cron: to_json("cron", raw.cron)?,
         events: to_json("events", raw.events)?,
     })
+}
+
+fn parse_auth(text: Option<&str>) -> Result<AuthKind, String> {
+    match text {
+        None | Some("none") => Ok(AuthKind::None),
+        Some("api_key") => Ok(AuthKind::ApiKey),
+        Some("jwt") => Ok(AuthKind::Jwt),
+        Some("mtls") => Ok(AuthKind::Mtls),
+        Some(other) => Err(format!(
+            "unknown value `{other}`; allowed: none, api_key, jwt, mtls"
+        )),
+    }
+}
+
+fn parse_scopes(auth: AuthKind, scopes: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let scopes = scopes.unwrap_or_default();
+    if !scopes.is_empty() && auth != AuthKind::Jwt {
+        return Err(
+            "only applies to auth = \"jwt\" routes (API keys carry their own scopes)".into(),
+        );
+    }
+    if let Some(bad) = scopes.iter().find(|s| {
+        s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_whitespace() || c.is_control())
+    }) {
+        return Err(format!("`{bad}` is not a scope"));
+    }
+    Ok(scopes)
 }
 
 fn duration_value_ms(v: &toml::Value) -> Result<u64, String> {
@@ -657,6 +722,61 @@ path = "/files/{proxy+}"
         assert!(e.message.contains("duplicate route"), "{}", e.message);
         let e = field_err(&base("[[http]]\nmethod = \"FETCH\"\npath = \"/a\""));
         assert_eq!(e.field, "http[0].method");
+    }
+
+    #[test]
+    fn websocket_tables_become_get_routes_with_the_flag() {
+        let c = parse_manifest(
+            "x",
+            &base(
+                "[[http]]\nmethod = \"POST\"\npath = \"/chat\"\n[[websocket]]\npath = \"/chat\"\n[[websocket]]\npath = \"/keyed\"\nauth = \"api_key\"\nrate = \"10/s\"",
+            ),
+        )
+        .expect("valid");
+        let ws: Vec<_> = c.routes.iter().filter(|r| r.options.websocket).collect();
+        assert_eq!(ws.len(), 2);
+        assert_eq!(ws[0].method, "GET");
+        assert_eq!(ws[0].path, "/chat");
+        assert_eq!(ws[1].auth, AuthKind::ApiKey);
+        assert!(ws[1].options.rate.is_some());
+        // Plain routes keep their JSON exactly as before.
+        let plain = serde_json::to_string(&c.routes[0]).expect("json");
+        assert!(!plain.contains("websocket"), "{plain}");
+        let flagged = serde_json::to_string(ws[0]).expect("json");
+        assert!(flagged.contains("\"websocket\":true"), "{flagged}");
+    }
+
+    #[test]
+    fn bad_websocket_tables_name_the_field() {
+        assert_eq!(
+            field_err(&base("[[websocket]]\nauth = \"none\"")).field,
+            "websocket[0].path"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/v1/chat\"")).field,
+            "websocket[0].path"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/a\"\nauth = \"magic\"")).field,
+            "websocket[0].auth"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/a\"\nrate = \"lots\"")).field,
+            "websocket[0].rate"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/a\"\nmethod = \"GET\"")).field,
+            ""
+        );
+        let e = field_err(&base(
+            "[[http]]\nmethod = \"GET\"\npath = \"/c/{x}\"\n[[websocket]]\npath = \"/c/{room}\"",
+        ));
+        assert_eq!(e.field, "websocket[0].path");
+        assert!(e.message.contains("overlaps"), "{}", e.message);
+        let e = field_err(&base(
+            "[[websocket]]\npath = \"/c\"\n[[websocket]]\npath = \"/c\"",
+        ));
+        assert_eq!(e.field, "websocket[1].path");
     }
 
     #[test]

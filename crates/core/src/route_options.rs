@@ -1,5 +1,6 @@
-//! What a route may carry besides its target: CORS and rate limits. Parsed from a
-//! manifest's `[[http]]` table, stored with the route, applied by the gateway.
+//! What a route may carry besides its target: CORS, rate limits, JWT scopes, a
+//! timeout, and whether it is a WebSocket route. Parsed from a manifest's `[[http]]`
+//! and `[[websocket]]` tables, stored with the route, applied by the gateway.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,12 @@ pub struct RouteOptions {
     /// the function itself runs on to its own deadline, as behind API Gateway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// A `[[websocket]]` route: `GET` with `Upgrade: websocket` opens a connection
+    /// whose `$connect`, messages and `$disconnect` reach the function. Stored as an
+    /// ordinary route so conflicts are checked like any other and the store needs no
+    /// new table.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub websocket: bool,
 }
 
 impl RouteOptions {
