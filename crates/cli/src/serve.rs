@@ -191,7 +191,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         metering: Arc::clone(&recorder),
         applied: vec![routes_gen, keys_gen],
     }));
-    let gateway = nimbus_gateway::router(nimbus_gateway::GatewayState {
+    let connections = Arc::new(nimbus_gateway::Connections::default());
+    let gateway_state = nimbus_gateway::GatewayState {
         routes: routes_rx,
         invoker: Arc::clone(&invoker),
         max_body: nimbus_core::MAX_PAYLOAD_BYTES,
@@ -199,15 +200,29 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         limiters: Arc::default(),
         access_log: args.access_log,
         jwt: jwt_rx,
-    });
+        connections: Arc::clone(&connections),
+        admin_token_sha256: Some(nimbus_control::token_digest(&token)),
+    };
+    // `/v1/connections/{id}` is the gateway's (it owns the connections) and takes
+    // API keys as well as the admin token: merged beside the control API, its routes
+    // win over the control API's `/v1/{*rest}` and skip its admin-only middleware.
+    let connections_api = || nimbus_gateway::connections_router(gateway_state.clone());
+    let gateway = nimbus_gateway::router(gateway_state.clone());
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));
     // One listener for everything, or the control API and metrics on their own.
+    // Functions with egress reach the connections API on either.
     let (public_app, control_app) = match &args.control_listen {
-        None => (health().merge(control).fallback_service(gateway), None),
+        None => (
+            health()
+                .merge(control)
+                .merge(connections_api())
+                .fallback_service(gateway),
+            None,
+        ),
         Some(_) => (
-            health().fallback_service(gateway),
-            Some(health().merge(control)),
+            health().merge(connections_api()).fallback_service(gateway),
+            Some(health().merge(control).merge(connections_api())),
         ),
     };
 
@@ -265,6 +280,20 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    // Upgraded sockets are no longer hyper's, so its drain does not close them: on
+    // the same signal they are closed (1001) and their `$disconnect` runs, while
+    // in-flight requests drain, within the same timeout.
+    let ws_drain = {
+        let connections = Arc::clone(&connections);
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            stop.await;
+            if !connections.is_empty() {
+                tracing::info!(open = connections.len(), "closing WebSocket connections");
+            }
+            connections.shutdown().await;
+        })
+    };
     let public_tls = tls.clone();
     let public = crate::listen::serve(
         listener,
@@ -282,6 +311,12 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             b.context("serve control API")?;
         }
         _ => public.await.context("serve HTTP")?,
+    }
+    if tokio::time::timeout(args.limits.drain_timeout, ws_drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: WebSocket connections left without $disconnect");
     }
 
     tracing::info!("draining done; stopping instances");

@@ -4,7 +4,9 @@
 //! callers (CORS, rate limits per client, route and key, API keys, JWTs, mTLS client
 //! certificates), turning the request into an API Gateway HTTP API payload 2.0 event,
 //! invoking the function through [`Invoker`], mapping the function's answer back to an
-//! HTTP response (Lambda's proxy-integration rules), and the gateway's metrics and
+//! HTTP response (Lambda's proxy-integration rules), WebSocket routes and their
+//! connections (`ws`: `$connect`/`$default`/`$disconnect` events, the connection
+//! registry and the `/v1/connections` API over it), and the gateway's metrics and
 //! access log.
 //!
 //! Must not touch: the store, instances, the control API, sockets or TLS. It sees
@@ -19,6 +21,7 @@ mod event;
 mod jwt;
 mod limits;
 mod observe;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +42,7 @@ pub use auth::KeyLimiters;
 pub use event::{EventInput, build_event, map_result};
 pub use jwt::JwtConfig;
 pub use limits::Buckets;
+pub use ws::Connections;
 
 #[derive(Clone)]
 pub struct GatewayState {
@@ -53,11 +57,22 @@ pub struct GatewayState {
     pub access_log: bool,
     /// JWT verification for `auth = "jwt"` routes (None: not configured, they refuse).
     pub jwt: watch::Receiver<Option<Arc<JwtConfig>>>,
+    /// Open WebSocket connections (shared with the `/v1/connections` API).
+    pub connections: Arc<Connections>,
+    /// sha256 of the admin token, which may also use `/v1/connections` (None: only
+    /// API keys with the `connections` scope may).
+    pub admin_token_sha256: Option<[u8; 32]>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
 pub fn router(state: GatewayState) -> Router {
     Router::new().fallback(handle).with_state(state)
+}
+
+/// `POST|GET|DELETE /v1/connections/{id}` (API Gateway's `@connections` API). Paths
+/// are absolute: merge it where it must win over the control API's `/v1`.
+pub fn connections_router(state: GatewayState) -> Router {
+    ws::api::router(state)
 }
 
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
@@ -137,6 +152,9 @@ async fn dispatch(
     };
     let route_key = found.entry.route_key();
     route_label.clone_from(&route_key);
+    if found.entry.options.websocket {
+        return ws::serve(st, &found, &route_key, parts, request_id).await;
+    }
     let allow = found
         .entry
         .options

@@ -9,6 +9,9 @@
 //! - `nimbus_gateway_auth_failures_total{route,status}` counter (401 and 403)
 //! - `nimbus_gateway_throttles_total{route,limit}` counter, `limit` = `client` |
 //!   `route` | `key`
+//! - `nimbus_gateway_websocket_connections` gauge: open WebSocket connections
+//! - `nimbus_gateway_websocket_messages_total{direction}` counter, `direction` =
+//!   `in` (from clients) | `out` (replies and pushes)
 
 use http::HeaderMap;
 
@@ -41,6 +44,15 @@ pub fn throttled(route: &str, limit: &'static str) {
         "limit" => limit,
     )
     .increment(1);
+}
+
+pub fn websocket_connections(open: usize) {
+    metrics::gauge!("nimbus_gateway_websocket_connections").set(open as f64);
+}
+
+pub fn websocket_message(direction: &'static str) {
+    metrics::counter!("nimbus_gateway_websocket_messages_total", "direction" => direction)
+        .increment(1);
 }
 
 fn is_hex(s: &str, n: usize) -> bool {
