@@ -406,7 +406,12 @@ pub fn get(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
         println!("alias     {} -> {}", a.name, a.version);
     }
     for r in &f.routes {
-        println!("route     {} {} -> {}", r.method, r.path, r.alias);
+        let kind = if r.options.websocket {
+            " (websocket)"
+        } else {
+            ""
+        };
+        println!("route     {} {}{kind} -> {}", r.method, r.path, r.alias);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -555,8 +560,14 @@ pub fn routes(g: &Global) -> anyhow::Result<ExitCode> {
         if r.options.cors.is_some() {
             limits.push("cors".into());
         }
+        // A WebSocket route is stored as GET; say what it is.
+        let method = if r.options.websocket {
+            "WS".to_string()
+        } else {
+            r.method
+        };
         t.add_row(vec![
-            r.method,
+            method,
             r.path,
             r.function,
             r.alias,

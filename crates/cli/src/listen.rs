@@ -95,6 +95,8 @@ pub async fn serve(
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let first_byte = limits.header_timeout;
+        // Shared with any WebSocket this connection upgrades to (see ConnectionSlot).
+        let permit = Arc::new(permit);
         tokio::spawn(async move {
             // hyper's header timer starts once protocol detection has read something:
             // a client that connects and sends nothing would otherwise never time out.
@@ -107,8 +109,9 @@ pub async fn serve(
                 drop(permit);
                 return;
             }
+            let slot = nimbus_core::ConnectionSlot(Arc::clone(&permit) as _);
             match tls {
-                None => serve_io(&builder, watcher, stream, app, peer, None).await,
+                None => serve_io(&builder, watcher, stream, app, peer, None, slot).await,
                 // The handshake gets the same deadline as a request head.
                 Some(acceptor) => {
                     match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
@@ -119,7 +122,7 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(|c| crate::tls::describe(c));
-                            serve_io(&builder, watcher, tls, app, peer, cert).await;
+                            serve_io(&builder, watcher, tls, app, peer, cert, slot).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -146,26 +149,31 @@ async fn serve_io<I>(
     app: Router,
     peer: SocketAddr,
     cert: Option<nimbus_core::ClientCert>,
+    slot: nimbus_core::ConnectionSlot,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move_app(app, peer, cert));
+    let svc = hyper::service::service_fn(move_app(app, peer, cert, slot));
+    // With upgrades: a WebSocket route takes the connection over after its 101.
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let _ = watcher.watch(conn.into_owned()).await;
 }
 
 /// The per-connection service: the router, with the peer address where axum's
-/// `ConnectInfo` extractor looks for it, and the verified client certificate if any.
+/// `ConnectInfo` extractor looks for it, the verified client certificate if any, and
+/// the connection's slot.
 fn move_app(
     app: Router,
     peer: SocketAddr,
     cert: Option<nimbus_core::ClientCert>,
+    slot: nimbus_core::ConnectionSlot,
 ) -> impl Fn(http::Request<Incoming>) -> Oneshot<Router, http::Request<axum::body::Body>> + Clone {
     move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         if let Some(c) = &cert {
             req.extensions_mut().insert(c.clone());
         }
+        req.extensions_mut().insert(slot.clone());
         app.clone().oneshot(req.map(axum::body::Body::new))
     }
 }

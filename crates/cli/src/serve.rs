@@ -201,12 +201,17 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         access_log: args.access_log,
         jwt: jwt_rx,
         connections: Arc::clone(&connections),
-        admin_token_sha256: Some(nimbus_control::token_digest(&token)),
+        admin_token_sha256: None,
     };
     // `/v1/connections/{id}` is the gateway's (it owns the connections) and takes
     // API keys as well as the admin token: merged beside the control API, its routes
     // win over the control API's `/v1/{*rest}` and skip its admin-only middleware.
-    let connections_api = || nimbus_gateway::connections_router(gateway_state.clone());
+    let connections_api = |admin: bool| {
+        nimbus_gateway::connections_router(nimbus_gateway::GatewayState {
+            admin_token_sha256: admin.then(|| nimbus_control::token_digest(&token)),
+            ..gateway_state.clone()
+        })
+    };
     let gateway = nimbus_gateway::router(gateway_state.clone());
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));
@@ -216,13 +221,17 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         None => (
             health()
                 .merge(control)
-                .merge(connections_api())
+                .merge(connections_api(true))
                 .fallback_service(gateway),
             None,
         ),
+        // With the control API split off, the admin token is for the control listener
+        // only: on the public one, pushing takes a `connections`-scoped key.
         Some(_) => (
-            health().merge(connections_api()).fallback_service(gateway),
-            Some(health().merge(control).merge(connections_api())),
+            health()
+                .merge(connections_api(false))
+                .fallback_service(gateway),
+            Some(health().merge(control).merge(connections_api(true))),
         ),
     };
 

@@ -297,6 +297,31 @@ fn the_control_listener_serves_connections_and_a_drain_closes_sockets() {
         .expect("post");
     assert_eq!(r.status(), 200);
     assert_eq!(next_text(&mut ws), "via control");
+    let r = s
+        .http()
+        .post(s.control_url(&format!("/v1/connections/{id}")))
+        .bearer_auth(s.token())
+        .body("admin via control")
+        .send()
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    assert_eq!(next_text(&mut ws), "admin via control");
+    // The public listener serves the API to key holders, not to the admin token.
+    let public = s.url(&format!("/v1/connections/{id}"));
+    let r = s
+        .http()
+        .get(&public)
+        .bearer_auth(s.token())
+        .send()
+        .expect("get");
+    assert_eq!(r.status(), 401);
+    let r = s
+        .http()
+        .get(&public)
+        .header("x-api-key", &key)
+        .send()
+        .expect("get");
+    assert_eq!(r.status(), 200);
     // The control API itself still wants the admin token.
     let r = s
         .http()
@@ -312,4 +337,31 @@ fn the_control_listener_serves_connections_and_a_drain_closes_sockets() {
     assert_eq!(close_code(&mut ws), Some(CloseCode::Away));
     let status = s.terminate();
     assert!(status.success(), "{status:?}: {}", s.stderr());
+}
+
+#[test]
+fn open_websockets_count_against_max_connections() {
+    let s = Server::start_args(&["--max-connections", "1"]);
+    s.ok(&["deploy", fixture("ws-py").to_str().expect("path")]);
+    let mut ws = connect(&s.addr, "/chat", &[]).expect("connect");
+    ws.send(Message::text("hi")).expect("send");
+    assert_eq!(next_text(&mut ws), "echo: hi");
+    // The upgraded socket still holds the only slot: a new client waits in the
+    // kernel's queue.
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(1500))
+        .build()
+        .expect("client");
+    assert!(quick.get(s.url("/health")).send().is_err());
+    ws.close(None).expect("close");
+    while ws.read().is_ok() {}
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match quick.get(s.url("/health")).send() {
+            Ok(r) if r.status() == 200 => break,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("the slot was not given back: {other:?}"),
+        }
+    }
 }

@@ -143,6 +143,10 @@ pub(crate) async fn serve(
     }
 
     let running = st.connections.running();
+    let slot = parts
+        .extensions
+        .get::<nimbus_core::ConnectionSlot>()
+        .cloned();
     let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
     let conn = Arc::new(Conn::new(info, tx));
     let on_fail = (st.clone(), Arc::clone(&conn));
@@ -158,7 +162,7 @@ pub(crate) async fn serve(
         })
         .on_upgrade(move |socket| async move {
             run(st, conn, rx, socket).await;
-            drop(running);
+            drop((running, slot));
         });
     for (name, value) in admitted.rate_headers {
         resp.headers_mut().insert(name, value);
