@@ -9,7 +9,8 @@
 //! registry and the `/v1/connections` API over it), and the gateway's metrics and
 //! access log.
 //!
-//! Must not touch: the store, instances, the control API, sockets or TLS. It sees
+//! Must not touch: the store, instances, the control API, TCP sockets or TLS (a
+//! WebSocket reaches it already upgraded by the listener's hyper). It sees
 //! routes, API keys and JWT keys only as `watch` snapshots that `cli` builds (from the
 //! store's change feed, a JWKS), client certificates only as the [`nimbus_core::ClientCert`]
 //! the listener attached, and functions only through `Arc<dyn Invoker>`.
