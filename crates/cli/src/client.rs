@@ -406,7 +406,12 @@ pub fn get(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
         println!("alias     {} -> {}", a.name, a.version);
     }
     for r in &f.routes {
-        println!("route     {} {} -> {}", r.method, r.path, r.alias);
+        let kind = if r.options.websocket {
+            " (websocket)"
+        } else {
+            ""
+        };
+        println!("route     {} {}{kind} -> {}", r.method, r.path, r.alias);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -564,14 +569,13 @@ pub fn routes(g: &Global) -> anyhow::Result<ExitCode> {
         } else {
             r.host
         };
-        t.add_row(vec![
-            r.method,
-            host,
-            r.path,
-            target,
-            auth,
-            limits.join(", "),
-        ]);
+        // A WebSocket route is stored as GET; say what it is.
+        let method = if r.options.websocket {
+            "WS".to_string()
+        } else {
+            r.method
+        };
+        t.add_row(vec![method, host, r.path, target, auth, limits.join(", ")]);
     }
     println!("{t}");
     Ok(ExitCode::SUCCESS)

@@ -95,6 +95,8 @@ pub async fn serve(
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         let first_byte = limits.header_timeout;
+        // Shared with any WebSocket this connection upgrades to (see ConnectionSlot).
+        let permit = Arc::new(permit);
         tokio::spawn(async move {
             // hyper's header timer starts once protocol detection has read something:
             // a client that connects and sends nothing would otherwise never time out.
@@ -107,8 +109,17 @@ pub async fn serve(
                 drop(permit);
                 return;
             }
+            let slot = nimbus_core::ConnectionSlot(Arc::clone(&permit) as _);
             match tls {
-                None => serve_io(&builder, watcher, stream, app, peer, None, false).await,
+                None => {
+                    let conn = Conn {
+                        peer,
+                        cert: None,
+                        tls: false,
+                        slot,
+                    };
+                    serve_io(&builder, watcher, stream, app, conn).await
+                }
                 // The handshake gets the same deadline as a request head.
                 Some(acceptor) => {
                     match tokio::time::timeout(first_byte, acceptor.accept(stream)).await {
@@ -119,7 +130,13 @@ pub async fn serve(
                                 .peer_certificates()
                                 .and_then(|c| c.first())
                                 .and_then(|c| crate::tls::describe(c));
-                            serve_io(&builder, watcher, tls, app, peer, cert, true).await;
+                            let conn = Conn {
+                                peer,
+                                cert,
+                                tls: true,
+                                slot,
+                            };
+                            serve_io(&builder, watcher, tls, app, conn).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -139,38 +156,48 @@ pub async fn serve(
     Ok(())
 }
 
+/// What the listener knows about a connection, attached to each of its requests.
+#[derive(Clone)]
+struct Conn {
+    peer: SocketAddr,
+    /// The verified client certificate, if any.
+    cert: Option<nimbus_core::ClientCert>,
+    tls: bool,
+    slot: nimbus_core::ConnectionSlot,
+}
+
 async fn serve_io<I>(
     builder: &Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     io: I,
     app: Router,
-    peer: SocketAddr,
-    cert: Option<nimbus_core::ClientCert>,
-    tls: bool,
+    conn: Conn,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move_app(app, peer, cert, tls));
+    let svc = hyper::service::service_fn(move_app(app, conn));
+    // With upgrades: a WebSocket route takes the connection over after its 101.
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let _ = watcher.watch(conn.into_owned()).await;
 }
 
 /// The per-connection service: the router, with the peer address where axum's
-/// `ConnectInfo` extractor looks for it, and the verified client certificate if any.
+/// `ConnectInfo` extractor looks for it, whether it is TLS, the verified client
+/// certificate if any, and the connection's slot.
 fn move_app(
     app: Router,
-    peer: SocketAddr,
-    cert: Option<nimbus_core::ClientCert>,
-    tls: bool,
+    conn: Conn,
 ) -> impl Fn(http::Request<Incoming>) -> Oneshot<Router, http::Request<axum::body::Body>> + Clone {
     move |mut req: http::Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        if tls {
-            req.extensions_mut().insert(nimbus_core::TlsConnection);
+        let ext = req.extensions_mut();
+        ext.insert(ConnectInfo(conn.peer));
+        if conn.tls {
+            ext.insert(nimbus_core::TlsConnection);
         }
-        if let Some(c) = &cert {
-            req.extensions_mut().insert(c.clone());
+        if let Some(c) = &conn.cert {
+            ext.insert(c.clone());
         }
+        ext.insert(conn.slot.clone());
         app.clone().oneshot(req.map(axum::body::Body::new))
     }
 }

@@ -195,7 +195,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let quota_writer = crate::meter::spawn_quota_writer(Arc::clone(&store), Arc::clone(&quotas))
         .await
         .context("load API key quota counters")?;
-    let gateway = nimbus_gateway::router(nimbus_gateway::GatewayState {
+    let connections = Arc::new(nimbus_gateway::Connections::default());
+    let gateway_state = nimbus_gateway::GatewayState {
         routes: routes_rx,
         invoker: Arc::clone(&invoker),
         max_body: nimbus_core::MAX_PAYLOAD_BYTES,
@@ -206,15 +207,38 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         quotas: Arc::clone(&quotas),
         authorizers: Arc::default(),
         upstreams: Arc::default(),
-    });
+        connections: Arc::clone(&connections),
+        admin_token_sha256: None,
+    };
+    // `/v1/connections/{id}` is the gateway's (it owns the connections) and takes
+    // API keys as well as the admin token: merged beside the control API, its routes
+    // win over the control API's `/v1/{*rest}` and skip its admin-only middleware.
+    let connections_api = |admin: bool| {
+        nimbus_gateway::connections_router(nimbus_gateway::GatewayState {
+            admin_token_sha256: admin.then(|| nimbus_control::token_digest(&token)),
+            ..gateway_state.clone()
+        })
+    };
+    let gateway = nimbus_gateway::router(gateway_state.clone());
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
     let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));
     // One listener for everything, or the control API and metrics on their own.
+    // Functions with egress reach the connections API on either.
     let (public_app, control_app) = match &args.control_listen {
-        None => (health().merge(control).fallback_service(gateway), None),
+        None => (
+            health()
+                .merge(control)
+                .merge(connections_api(true))
+                .fallback_service(gateway),
+            None,
+        ),
+        // With the control API split off, the admin token is for the control listener
+        // only: on the public one, pushing takes a `connections`-scoped key.
         Some(_) => (
-            health().fallback_service(gateway),
-            Some(health().merge(control)),
+            health()
+                .merge(connections_api(false))
+                .fallback_service(gateway),
+            Some(health().merge(control).merge(connections_api(true))),
         ),
     };
 
@@ -272,6 +296,20 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    // Upgraded sockets are no longer hyper's, so its drain does not close them: on
+    // the same signal they are closed (1001) and their `$disconnect` runs, while
+    // in-flight requests drain, within the same timeout.
+    let ws_drain = {
+        let connections = Arc::clone(&connections);
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            stop.await;
+            if !connections.is_empty() {
+                tracing::info!(open = connections.len(), "closing WebSocket connections");
+            }
+            connections.shutdown().await;
+        })
+    };
     let public_tls = tls.clone();
     let public = crate::listen::serve(
         listener,
@@ -289,6 +327,12 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             b.context("serve control API")?;
         }
         _ => public.await.context("serve HTTP")?,
+    }
+    if tokio::time::timeout(args.limits.drain_timeout, ws_drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: WebSocket connections left without $disconnect");
     }
 
     tracing::info!("draining done; stopping instances");

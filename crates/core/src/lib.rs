@@ -59,6 +59,19 @@ pub fn short_random_id() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TlsConnection;
 
+/// The listener's slot (of `--max-connections`) held by a TCP connection, attached to
+/// each of its requests. A request that becomes a WebSocket keeps a clone for the
+/// socket's life: once upgraded the connection is no longer hyper's, and without it
+/// open WebSockets would not count against the cap.
+#[derive(Clone)]
+pub struct ConnectionSlot(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionSlot")
+    }
+}
+
 /// A TLS client certificate the listener verified against its client CA (mTLS). The
 /// listener attaches it to each request of the connection; the gateway requires it on
 /// `auth = "mtls"` routes and hands it to functions as API Gateway does

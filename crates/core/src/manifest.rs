@@ -210,6 +210,8 @@ struct RawManifest {
     #[serde(default)]
     http: Vec<RawRoute>,
     #[serde(default)]
+    websocket: Vec<RawWebSocket>,
+    #[serde(default)]
     cron: Vec<toml::Value>,
     #[serde(default)]
     events: Vec<toml::Value>,
@@ -244,6 +246,17 @@ struct RawRoute {
     host: Option<String>,
     upstream: Option<Vec<String>>,
     upstream_down_for: Option<String>,
+}
+
+/// A `[[websocket]]` table: a path whose connections reach the function.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebSocket {
+    path: Option<String>,
+    auth: Option<String>,
+    rate: Option<String>,
+    rate_per_ip: Option<String>,
+    scopes: Option<Vec<String>>,
 }
 
 pub const METHODS: &[&str] = &[
@@ -460,22 +473,15 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             .path
             .ok_or_else(|| err(&field("path"), "is required".into()))?;
         validate_route_path(&path).map_err(|m| err(&field("path"), m))?;
-        let auth = match r.auth.as_deref() {
+        let auth = match (r.auth.as_deref(), &r.authorizer) {
             // Naming an authorizer is asking for one.
-            None if r.authorizer.is_some() => AuthKind::Authorizer,
-            None | Some("none") => AuthKind::None,
-            Some("api_key") => AuthKind::ApiKey,
-            Some("jwt") => AuthKind::Jwt,
-            Some("mtls") => AuthKind::Mtls,
-            Some("authorizer") => AuthKind::Authorizer,
-            Some(other) => {
-                return Err(err(
+            (None, Some(_)) | (Some("authorizer"), _) => AuthKind::Authorizer,
+            (text, _) => parse_auth(text).map_err(|m| {
+                err(
                     &field("auth"),
-                    format!(
-                        "unknown value `{other}`; allowed: none, api_key, jwt, mtls, authorizer"
-                    ),
-                ));
-            }
+                    m.replace("jwt, mtls", "jwt, mtls, authorizer"),
+                )
+            })?,
         };
         let authorizer = match (auth, r.authorizer) {
             (AuthKind::Authorizer, None) => {
@@ -545,18 +551,7 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                 validate_name(f).map_err(|m| err(&field(name), m))?;
             }
         }
-        let scopes = r.scopes.unwrap_or_default();
-        if !scopes.is_empty() && auth != AuthKind::Jwt {
-            return Err(err(
-                &field("scopes"),
-                "only applies to auth = \"jwt\" routes (API keys carry their own scopes)".into(),
-            ));
-        }
-        if let Some(bad) = scopes.iter().find(|s| {
-            s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_whitespace() || c.is_control())
-        }) {
-            return Err(err(&field("scopes"), format!("`{bad}` is not a scope")));
-        }
+        let scopes = parse_scopes(auth, r.scopes).map_err(|m| err(&field("scopes"), m))?;
         let cors = r
             .cors
             .map(crate::route_options::parse_cors)
@@ -622,6 +617,7 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
             transform_request: r.transform_request,
             transform_response: r.transform_response,
             upstream_down_for_ms,
+            websocket: false,
         };
         let spec = RouteSpec {
             method,
@@ -642,6 +638,53 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                     "duplicate route `{}`: it overlaps `{}`",
                     spec.route_key(),
                     prev.route_key()
+                ),
+            ));
+        }
+        routes.push(spec);
+    }
+
+    // A WebSocket route is a `GET` route with `options.websocket`: the route table
+    // checks it against every other route, here and at deploy.
+    for (i, w) in raw.websocket.into_iter().enumerate() {
+        let field = |f: &str| format!("websocket[{i}].{f}");
+        let path = w
+            .path
+            .ok_or_else(|| err(&field("path"), "is required".into()))?;
+        validate_route_path(&path).map_err(|m| err(&field("path"), m))?;
+        let auth = parse_auth(w.auth.as_deref()).map_err(|m| err(&field("auth"), m))?;
+        let scopes = parse_scopes(auth, w.scopes).map_err(|m| err(&field("scopes"), m))?;
+        let rate =
+            crate::route_options::parse_route_rate(w.rate).map_err(|m| err(&field("rate"), m))?;
+        let rate_per_ip = crate::route_options::parse_route_rate(w.rate_per_ip)
+            .map_err(|m| err(&field("rate_per_ip"), m))?;
+        let spec = RouteSpec {
+            method: "GET".into(),
+            host: String::new(),
+            path,
+            upstream: Vec::new(),
+            auth,
+            options: crate::route_options::RouteOptions {
+                rate,
+                rate_per_ip,
+                scopes,
+                websocket: true,
+                ..Default::default()
+            },
+        };
+        if let Some(prev) = routes.iter().find(|p| {
+            p.method == "GET" && p.host.is_empty() && crate::routes::same_shape(&p.path, &spec.path)
+        }) {
+            let what = if prev.options.websocket {
+                format!("websocket `{}`", prev.path)
+            } else {
+                format!("route `{}`", prev.route_key())
+            };
+            return Err(err(
+                &field("path"),
+                format!(
+                    "`{}` overlaps {what} (a WebSocket is a GET route)",
+                    spec.path
                 ),
             ));
         }
@@ -670,6 +713,33 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         cron: to_json("cron", raw.cron)?,
         events: to_json("events", raw.events)?,
     })
+}
+
+fn parse_auth(text: Option<&str>) -> Result<AuthKind, String> {
+    match text {
+        None | Some("none") => Ok(AuthKind::None),
+        Some("api_key") => Ok(AuthKind::ApiKey),
+        Some("jwt") => Ok(AuthKind::Jwt),
+        Some("mtls") => Ok(AuthKind::Mtls),
+        Some(other) => Err(format!(
+            "unknown value `{other}`; allowed: none, api_key, jwt, mtls"
+        )),
+    }
+}
+
+fn parse_scopes(auth: AuthKind, scopes: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let scopes = scopes.unwrap_or_default();
+    if !scopes.is_empty() && auth != AuthKind::Jwt {
+        return Err(
+            "only applies to auth = \"jwt\" routes (API keys carry their own scopes)".into(),
+        );
+    }
+    if let Some(bad) = scopes.iter().find(|s| {
+        s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_whitespace() || c.is_control())
+    }) {
+        return Err(format!("`{bad}` is not a scope"));
+    }
+    Ok(scopes)
 }
 
 fn duration_value_ms(v: &toml::Value) -> Result<u64, String> {
@@ -833,6 +903,61 @@ path = "/files/{proxy+}"
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn websocket_tables_become_get_routes_with_the_flag() {
+        let c = parse_manifest(
+            "x",
+            &base(
+                "[[http]]\nmethod = \"POST\"\npath = \"/chat\"\n[[websocket]]\npath = \"/chat\"\n[[websocket]]\npath = \"/keyed\"\nauth = \"api_key\"\nrate = \"10/s\"",
+            ),
+        )
+        .expect("valid");
+        let ws: Vec<_> = c.routes.iter().filter(|r| r.options.websocket).collect();
+        assert_eq!(ws.len(), 2);
+        assert_eq!(ws[0].method, "GET");
+        assert_eq!(ws[0].path, "/chat");
+        assert_eq!(ws[1].auth, AuthKind::ApiKey);
+        assert!(ws[1].options.rate.is_some());
+        // Plain routes keep their JSON exactly as before.
+        let plain = serde_json::to_string(&c.routes[0]).expect("json");
+        assert!(!plain.contains("websocket"), "{plain}");
+        let flagged = serde_json::to_string(ws[0]).expect("json");
+        assert!(flagged.contains("\"websocket\":true"), "{flagged}");
+    }
+
+    #[test]
+    fn bad_websocket_tables_name_the_field() {
+        assert_eq!(
+            field_err(&base("[[websocket]]\nauth = \"none\"")).field,
+            "websocket[0].path"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/v1/chat\"")).field,
+            "websocket[0].path"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/a\"\nauth = \"magic\"")).field,
+            "websocket[0].auth"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/a\"\nrate = \"lots\"")).field,
+            "websocket[0].rate"
+        );
+        assert_eq!(
+            field_err(&base("[[websocket]]\npath = \"/a\"\nmethod = \"GET\"")).field,
+            ""
+        );
+        let e = field_err(&base(
+            "[[http]]\nmethod = \"GET\"\npath = \"/c/{x}\"\n[[websocket]]\npath = \"/c/{room}\"",
+        ));
+        assert_eq!(e.field, "websocket[0].path");
+        assert!(e.message.contains("overlaps"), "{}", e.message);
+        let e = field_err(&base(
+            "[[websocket]]\npath = \"/c\"\n[[websocket]]\npath = \"/c\"",
+        ));
+        assert_eq!(e.field, "websocket[1].path");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! What a route may carry besides its target: CORS, rate limits, a custom authorizer,
-//! header rewrites and transform functions. Parsed from a manifest's `[[http]]` table,
-//! stored with the route, applied by the gateway.
+//! What a route may carry besides its target: CORS, rate limits, JWT scopes, a
+//! timeout, a custom authorizer, header rewrites, transform functions, upstream health
+//! settings, and whether it is a WebSocket route. Parsed from a manifest's `[[http]]`
+//! and `[[websocket]]` tables, stored with the route, applied by the gateway.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +45,12 @@ pub struct RouteOptions {
     /// [`DEFAULT_UPSTREAM_DOWN_FOR_MS`]); upstream routes only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_down_for_ms: Option<u64>,
+    /// A `[[websocket]]` route: `GET` with `Upgrade: websocket` opens a connection
+    /// whose `$connect`, messages and `$disconnect` reach the function. Stored as an
+    /// ordinary route so conflicts are checked like any other and the store needs no
+    /// new table.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub websocket: bool,
 }
 
 /// A Lambda authorizer (API Gateway HTTP API, payload 2.0, simple responses).

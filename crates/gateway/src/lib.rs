@@ -2,13 +2,17 @@
 //!
 //! Owns: matching a request against the route table (by host, method and path),
 //! what a route demands of its callers (CORS, rate limits per client, route and key,
-//! API keys, JWTs, mTLS client certificates), turning the request into an API Gateway
-//! HTTP API payload 2.0 event, invoking the function through [`Invoker`], mapping the
-//! function's answer back to an HTTP response (Lambda's proxy-integration rules), or,
-//! for an upstream route, proxying to its HTTP services (`upstream`), and the
+//! API keys and their quotas, JWTs, mTLS client certificates, Lambda authorizers),
+//! header rewrites and transform functions (`hooks`), turning the request into an API
+//! Gateway HTTP API payload 2.0 event, invoking the function through [`Invoker`],
+//! mapping the function's answer back to an HTTP response (Lambda's proxy-integration
+//! rules), or, for an upstream route, proxying to its HTTP services (`upstream`),
+//! WebSocket routes and their connections (`ws`: `$connect`/`$default`/`$disconnect`
+//! events, the connection registry and the `/v1/connections` API over it), and the
 //! gateway's metrics and access log.
 //!
-//! Must not touch: the store, instances, the control API, listening sockets or TLS. It sees
+//! Must not touch: the store, instances, the control API, listening sockets or TLS (a
+//! WebSocket reaches it already upgraded by the listener's hyper). It sees
 //! routes, API keys and JWT keys only as `watch` snapshots that `cli` builds (from the
 //! store's change feed, a JWKS), client certificates only as the [`nimbus_core::ClientCert`]
 //! the listener attached, and functions only through `Arc<dyn Invoker>`.
@@ -23,6 +27,7 @@ mod limits;
 mod observe;
 mod quota;
 mod upstream;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +51,7 @@ pub use jwt::JwtConfig;
 pub use limits::Buckets;
 pub use quota::{Counted, Quotas};
 pub use upstream::Upstreams;
+pub use ws::Connections;
 
 #[derive(Clone)]
 pub struct GatewayState {
@@ -66,11 +72,22 @@ pub struct GatewayState {
     pub authorizers: Arc<AuthorizerCache>,
     /// The proxy client and upstream health; like the buckets, outlives snapshots.
     pub upstreams: Arc<Upstreams>,
+    /// Open WebSocket connections (shared with the `/v1/connections` API).
+    pub connections: Arc<Connections>,
+    /// sha256 of the admin token, which may also use `/v1/connections` (None: only
+    /// API keys with the `connections` scope may).
+    pub admin_token_sha256: Option<[u8; 32]>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
 pub fn router(state: GatewayState) -> Router {
     Router::new().fallback(handle).with_state(state)
+}
+
+/// `POST|GET|DELETE /v1/connections/{id}` (API Gateway's `@connections` API). Paths
+/// are absolute: merge it where it must win over the control API's `/v1`.
+pub fn connections_router(state: GatewayState) -> Router {
+    ws::api::router(state)
 }
 
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
@@ -152,6 +169,9 @@ async fn dispatch(
     };
     let route_key = found.entry.route_key();
     route_label.clone_from(&route_key);
+    if found.entry.options.websocket {
+        return ws::serve(st, &found, &route_key, parts, request_id).await;
+    }
     let allow = found
         .entry
         .options

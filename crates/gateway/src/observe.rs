@@ -13,6 +13,9 @@
 //!   attempt; `status` is the upstream's HTTP status, or `connect_error` | `timeout` |
 //!   `error`
 //! - `nimbus_gateway_upstream_marked_down_total{upstream}` counter
+//! - `nimbus_gateway_websocket_connections` gauge: open WebSocket connections
+//! - `nimbus_gateway_websocket_messages_total{direction}` counter, `direction` =
+//!   `in` (from clients) | `out` (replies and pushes)
 
 use http::HeaderMap;
 
@@ -63,6 +66,15 @@ pub fn upstream_marked_down(upstream: &str) {
         "upstream" => upstream.to_string(),
     )
     .increment(1);
+}
+
+pub fn websocket_connections(open: usize) {
+    metrics::gauge!("nimbus_gateway_websocket_connections").set(open as f64);
+}
+
+pub fn websocket_message(direction: &'static str) {
+    metrics::counter!("nimbus_gateway_websocket_messages_total", "direction" => direction)
+        .increment(1);
 }
 
 fn is_hex(s: &str, n: usize) -> bool {
