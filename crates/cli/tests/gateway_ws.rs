@@ -264,7 +264,17 @@ fn websocket_routes_refuse_what_they_should() {
         refusal(connect(&s.addr, "/keyed-chat", &[("x-api-key", &other)])),
         (403, "forbidden".into())
     );
+    // A plain GET to it: credentials first, so a stranger learns nothing of the route.
+    let r = s.http().get(s.url("/keyed-chat")).send().expect("get");
+    assert_eq!(error_code(r), (401, "unauthorized".into()));
     let key = create_key(&s, "chatter", "invoke:ws");
+    let r = s
+        .http()
+        .get(s.url("/keyed-chat"))
+        .header("x-api-key", &key)
+        .send()
+        .expect("get");
+    assert_eq!(error_code(r), (426, "upgrade_required".into()));
     let mut ws = connect(&s.addr, "/keyed-chat", &[("x-api-key", &key)]).expect("keyed connect");
     ws.send(Message::text("hi")).expect("send");
     assert_eq!(next_text(&mut ws), "echo: hi");

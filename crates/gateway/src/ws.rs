@@ -59,6 +59,11 @@ pub(crate) async fn serve(
     mut parts: http::request::Parts,
     request_id: &str,
 ) -> Response {
+    // Credentials first: an unauthenticated caller learns nothing about the route.
+    let admitted = match crate::admit(st, found, route_key, &parts, request_id).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
     if !is_upgrade(&parts.headers) {
         let mut r = error_response(
             StatusCode::UPGRADE_REQUIRED,
@@ -83,10 +88,6 @@ pub(crate) async fn serve(
             "the server is shutting down",
         );
     }
-    let admitted = match crate::admit(st, found, route_key, &parts, request_id).await {
-        Ok(a) => a,
-        Err(resp) => return resp,
-    };
     let headers = &parts.headers;
     let host = headers
         .get(http::header::HOST)
