@@ -13,10 +13,12 @@
 pub mod api;
 pub mod cron;
 pub mod duration;
+pub mod events;
 pub mod filter;
 pub mod invoke;
 pub mod keys;
 pub mod manifest;
+pub mod retry;
 pub mod route_options;
 pub mod routes;
 

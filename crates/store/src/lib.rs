@@ -37,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod events;
 mod keys;
 pub mod metering;
 mod migrations;
@@ -179,11 +180,7 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, checks it is configured for
     /// durable commits, and applies pending migrations. The parent directory must exist.
     pub fn open(path: &Path) -> Result<Store> {
-        let mut conn = Connection::open(path).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        configure(&conn, path)?;
+        let mut conn = open_configured(path)?;
         migrations::migrate(&mut conn)?;
         let (changes, _) = watch::channel(0);
         Ok(Store {
@@ -640,6 +637,16 @@ impl Store {
         tx.commit()?;
         Ok(out)
     }
+}
+
+/// A connection to `path` with the durability PRAGMAs set and checked.
+pub(crate) fn open_configured(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    configure(&conn, path)?;
+    Ok(conn)
 }
 
 /// Sets the per-connection PRAGMAs and reads back the ones durability depends on.

@@ -179,14 +179,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-/// The schema version this build writes.
-pub(crate) fn supported_version() -> u32 {
-    MIGRATIONS.len() as u32
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    migrate_steps(conn, MIGRATIONS)
 }
 
-pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
+/// Brings a database to the last of `steps` (each file kind has its own list).
+pub(crate) fn migrate_steps(conn: &mut Connection, steps: &[&str]) -> Result<(), Error> {
     let at = |version: u32| move |source| Error::Migrate { version, source };
-    let target = supported_version();
+    let target = steps.len() as u32;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(at(target))?;
@@ -204,7 +204,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
             supported: target,
         });
     }
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, step) in steps.iter().enumerate().skip(current as usize) {
         let version = i as u32 + 1;
         tx.execute_batch(step).map_err(at(version))?;
         tx.pragma_update(None, "user_version", version)
