@@ -199,7 +199,8 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Job>, changes: watch::Sender<u
                     let _ = job_reply.send(out);
                 }
             }
-            Err((replies, e)) => {
+            Err(failed) => {
+                let (replies, e) = *failed;
                 tracing::error!(error = %e, jobs = replies.len(), "event log commit failed");
                 let text = e.to_string();
                 for r in replies {
@@ -221,11 +222,16 @@ type Outs = Vec<(
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Job>,
-) -> std::result::Result<Outs, (Replies, Error)> {
+) -> std::result::Result<Outs, Box<(Replies, Error)>> {
     let jobs: Vec<Job> = std::mem::take(batch);
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return Err((jobs.into_iter().map(|j| j.reply).collect(), e.into())),
+        Err(e) => {
+            return Err(Box::new((
+                jobs.into_iter().map(|j| j.reply).collect(),
+                e.into(),
+            )));
+        }
     };
     let mut outs: Outs = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -248,6 +254,9 @@ fn commit_batch(
     }
     match tx.commit() {
         Ok(()) => Ok(outs),
-        Err(e) => Err((outs.into_iter().map(|(r, _)| r).collect(), e.into())),
+        Err(e) => Err(Box::new((
+            outs.into_iter().map(|(r, _)| r).collect(),
+            e.into(),
+        ))),
     }
 }
