@@ -252,7 +252,7 @@ fn cache_dir() -> PathBuf {
     }
 }
 
-fn read_event(data: Option<&str>) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_event(data: Option<&str>) -> anyhow::Result<Vec<u8>> {
     let raw = match data {
         None => return Ok(b"{}".to_vec()),
         Some("-") => {

@@ -22,6 +22,7 @@ mod route;
 mod scale;
 mod serve;
 mod tls;
+mod topic;
 mod usage;
 
 use std::path::PathBuf;
@@ -127,6 +128,13 @@ enum Command {
         #[command(subcommand)]
         cmd: keys::KeysCmd,
     },
+    /// Manage durable topics (CloudEvents).
+    Topic {
+        #[command(subcommand)]
+        cmd: topic::TopicCmd,
+    },
+    /// Publish a CloudEvent to a topic (acknowledged once durable).
+    Publish(topic::PublishArgs),
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
 }
@@ -204,6 +212,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs(args) => usage::logs(&g, &args),
         Command::Init(args) => init::run(&args),
         Command::Keys { cmd } => keys::run(&g, &cmd),
+        Command::Topic { cmd } => topic::run(&g, cmd),
+        Command::Publish(args) => topic::publish(&g, &args),
         Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
     }
 }

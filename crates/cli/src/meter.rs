@@ -34,6 +34,14 @@ pub struct MeteringArgs {
     /// Keep at most this many invocation records (the oldest go first).
     #[arg(long, env = "NIMBUS_METERING_MAX_ROWS", default_value_t = 1_000_000)]
     pub metering_max_rows: u64,
+    /// How often topic retention (age and size bounds) runs.
+    #[arg(
+        long,
+        env = "NIMBUS_TOPIC_RETENTION_INTERVAL",
+        default_value = "30s",
+        hide = true
+    )]
+    pub topic_retention_interval: String,
 }
 
 /// Opens the recorder on the state database (its own connections and writer thread).
@@ -175,6 +183,27 @@ pub async fn write_quotas(store: Arc<nimbus_store::Store>, quotas: &nimbus_gatew
         Ok(Err(e)) => tracing::error!(error = %e, keys = n, "write API key quota counters"),
         Err(e) => tracing::error!(error = %e, "quota writer task panicked"),
     }
+}
+
+/// Topic retention (age and size bounds), until aborted.
+pub fn spawn_event_retention(
+    events: Arc<nimbus_store::events::EventLog>,
+    args: &MeteringArgs,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let period = nimbus_core::duration::parse_duration(&args.topic_retention_interval)
+        .map_err(|e| anyhow::anyhow!("--topic-retention-interval: {e}"))?
+        .max(Duration::from_millis(10));
+    Ok(tokio::spawn(async move {
+        let mut every = tokio::time::interval(period);
+        loop {
+            every.tick().await;
+            match events.prune(nimbus_core::now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "topic retention"),
+                Err(e) => tracing::error!(error = %e, "topic retention"),
+            }
+        }
+    }))
 }
 
 /// Writes out the records still queued; call once the worker has stopped.

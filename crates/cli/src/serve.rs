@@ -181,8 +181,12 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let (keys_rx, keys_gen) = spawn_feed(Arc::clone(&store), "api keys", build_keys).await?;
     let jwt_rx = crate::jwks::spawn(&args).await?;
 
+    let events = nimbus_store::events::EventLog::open(&data_dir.join("events.db"))
+        .context("open the event log")?;
+    let event_upkeep = crate::meter::spawn_event_retention(Arc::clone(&events), &args.metering)?;
     let control = nimbus_control::router(Arc::new(nimbus_control::ControlState {
         store: Arc::clone(&store),
+        events: Arc::clone(&events),
         artifacts: Arc::clone(&artifacts),
         invoker: Arc::clone(&invoker),
         admin_token_sha256: nimbus_control::token_digest(&token),
@@ -209,12 +213,13 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         upstreams: Arc::default(),
         connections: Arc::clone(&connections),
         admin_token_sha256: None,
+        publisher: Some(Arc::clone(&events) as Arc<dyn nimbus_core::events::Publisher>),
     };
-    // `/v1/connections/{id}` is the gateway's (it owns the connections) and takes
-    // API keys as well as the admin token: merged beside the control API, its routes
+    // `/v1/connections/{id}` and `/v1/topics/{t}/events` are the gateway's and take
+    // API keys as well as the admin token: merged beside the control API, their routes
     // win over the control API's `/v1/{*rest}` and skip its admin-only middleware.
     let connections_api = |admin: bool| {
-        nimbus_gateway::connections_router(nimbus_gateway::GatewayState {
+        nimbus_gateway::platform_router(nimbus_gateway::GatewayState {
             admin_token_sha256: admin.then(|| nimbus_control::token_digest(&token)),
             ..gateway_state.clone()
         })
@@ -339,6 +344,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     worker.shutdown().await;
     housekeeping.abort();
     crate::meter::flush(recorder).await;
+    event_upkeep.abort();
+    let _ = tokio::task::spawn_blocking(move || events.close()).await;
     quota_writer.abort();
     crate::meter::write_quotas(Arc::clone(&store), &quotas).await;
     maintainer.abort();

@@ -75,6 +75,10 @@ impl ApiError {
             S::Conflict(m) => ApiError::Conflict(m),
             S::RouteConflict(c) => ApiError::Conflict(c.to_string()),
             S::Invalid(m) => ApiError::BadRequest(m),
+            S::Unavailable(m) => {
+                tracing::error!(error = %m, "event log unavailable");
+                ApiError::Unavailable
+            }
             other => ApiError::Storage(other.to_string()),
         }
     }

@@ -15,6 +15,7 @@ mod keys;
 mod metering;
 mod routes;
 mod scaling;
+mod topics;
 
 use std::sync::Arc;
 
@@ -44,6 +45,8 @@ pub use metering::{RecommendationsResponse, UsageResponse};
 /// Everything the control API works with; built by `cli::serve`.
 pub struct ControlState {
     pub store: Arc<Store>,
+    /// Topics, events and their delivery state.
+    pub events: Arc<nimbus_store::events::EventLog>,
     pub artifacts: Arc<ArtifactStore>,
     pub invoker: Arc<dyn Invoker>,
     /// sha256 of the admin token: comparing digests keeps the comparison's timing
@@ -85,6 +88,10 @@ pub fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{name}", axum::routing::delete(keys::revoke))
+        .route("/v1/topics", get(topics::list).post(topics::create))
+        .route("/v1/topics/{name}", get(topics::get).delete(topics::remove))
+        // POST (publish) on the same path is the gateway's; axum merges the methods.
+        .route("/v1/topics/{name}/events", get(topics::read))
         .route("/v1/usage", get(metering::usage))
         .route("/v1/usage/recommendations", get(metering::recommendations))
         .route("/v1/functions/{name}/logs", get(metering::logs))

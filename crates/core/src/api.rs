@@ -303,3 +303,19 @@ pub struct AddRouteRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_down_for: Option<String>,
 }
+
+/// `POST /v1/topics`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTopicRequest {
+    pub name: String,
+    /// How long events are kept, e.g. `7d` (default 7 days).
+    #[serde(default)]
+    pub retention: Option<String>,
+    /// Size bound, e.g. `1GB` (default 1 GiB); the oldest events go first.
+    #[serde(default)]
+    pub max_bytes: Option<String>,
+    /// How long an event id is remembered for de-duplication, e.g. `10m` (default).
+    #[serde(default)]
+    pub dedup_window: Option<String>,
+}

@@ -197,6 +197,35 @@ pub fn parse_binary(
     })
 }
 
+/// Where a published event landed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Published {
+    pub id: String,
+    pub offset: i64,
+    /// Its id was already on the topic within the dedup window: not stored again.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    NotFound(String),
+    /// The log could not commit; nothing of the request was acknowledged.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Durable publishing, as the gateway and the control API see it: answered only
+/// once the events are committed (see the event log's guarantees). Implemented by
+/// the store's event log; a NATS JetStream backend would implement it too.
+pub trait Publisher: Send + Sync + 'static {
+    fn publish(
+        &self,
+        topic: &str,
+        events: Vec<ParsedEvent>,
+    ) -> crate::invoke::BoxFuture<'_, Result<Vec<Published>, PublishError>>;
+}
+
 /// The structured JSON of a stored event, for filters and deliveries.
 pub fn as_json(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or(Value::Null)

@@ -103,6 +103,72 @@ fn remaining(h: &RateHeaders) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Who may use the gateway's share of the platform API (`/v1/connections`,
+/// `/v1/topics/{t}/events`): the admin token (Bearer; only where `serve` gave the
+/// gateway its digest), or an API key whose scopes grant `action` on `resource`,
+/// subject to the key's rate limit. The refusal is the finished response.
+pub(crate) fn platform_caller(
+    st: &crate::GatewayState,
+    headers: &HeaderMap,
+    action: &str,
+    resource: &str,
+) -> Result<(), Box<Response>> {
+    let token = bearer(headers);
+    if let (Some(t), Some(digest)) = (token, st.admin_token_sha256.as_ref())
+        && keys::verify(t, digest)
+    {
+        return Ok(());
+    }
+    let presented = match headers.get("x-api-key") {
+        Some(v) => v.to_str().ok().map(str::trim),
+        None => token,
+    };
+    let Some(presented) = presented else {
+        return Err(Box::new(unauthorized(&format!(
+            "missing credentials: the admin token or an API key with the {action} scope"
+        ))));
+    };
+    let set = st.keys.borrow().clone();
+    let entry = match set.authenticate(presented, nimbus_core::now_ms()) {
+        Ok(e) => e,
+        Err(why) => {
+            let why = match why {
+                KeyRefusal::Malformed => "malformed",
+                KeyRefusal::Unknown => "unknown",
+                KeyRefusal::Expired => "expired",
+            };
+            tracing::info!(reason = why, action, "platform API: credentials refused");
+            return Err(Box::new(unauthorized("invalid credentials")));
+        }
+    };
+    if !keys::allows(&entry.scopes, action, resource) {
+        tracing::info!(key = %entry.name, action, resource, "API key lacks the scope");
+        return Err(Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &if resource.is_empty() {
+                format!("this API key lacks the {action} scope")
+            } else {
+                format!("this API key lacks the {action}:{resource} scope")
+            },
+        )));
+    }
+    if let Some(rate) = entry.rate {
+        st.limiters
+            .take(&format!("key:{}", entry.id), rate, "API key")?;
+    }
+    if let Some(quota) = entry.quota {
+        st.quotas.take(&entry.id, quota, nimbus_core::now_ms())?;
+    }
+    Ok(())
+}
+
 /// Headers that carry credentials: never passed on to the function.
 pub fn is_credential_header(name: &str) -> bool {
     matches!(name, "x-api-key" | "authorization")

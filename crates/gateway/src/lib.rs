@@ -25,6 +25,7 @@ mod hooks;
 mod jwt;
 mod limits;
 mod observe;
+mod publish;
 mod quota;
 mod upstream;
 mod ws;
@@ -77,6 +78,8 @@ pub struct GatewayState {
     /// sha256 of the admin token, which may also use `/v1/connections` (None: only
     /// API keys with the `connections` scope may).
     pub admin_token_sha256: Option<[u8; 32]>,
+    /// Durable publishing for `/v1/topics/{t}/events` (None: not offered).
+    pub publisher: Option<Arc<dyn nimbus_core::events::Publisher>>,
 }
 
 /// The gateway as a router: every request that reaches it is a function call.
@@ -84,10 +87,19 @@ pub fn router(state: GatewayState) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
-/// `POST|GET|DELETE /v1/connections/{id}` (API Gateway's `@connections` API). Paths
-/// are absolute: merge it where it must win over the control API's `/v1`.
-pub fn connections_router(state: GatewayState) -> Router {
-    ws::api::router(state)
+/// The gateway's share of the platform API, merged by `cli::serve` beside the control
+/// API so that API keys can use it: `/v1/connections/{id}` (WebSocket pushes) and
+/// `POST /v1/topics/{topic}/events` (publishing, scope `publish:<topic>`).
+pub fn platform_router(state: GatewayState) -> Router {
+    ws::api::router(state.clone()).merge(
+        Router::new()
+            .route(
+                "/v1/topics/{name}/events",
+                axum::routing::post(publish::publish),
+            )
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(state),
+    )
 }
 
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {

@@ -74,6 +74,10 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// The event log cannot take writes (closed, or its writer thread is gone).
+    #[error("event log: {0}")]
+    Unavailable(String),
+
     #[error("start the metering writer thread: {0}")]
     SpawnRecorder(#[source] std::io::Error),
 }

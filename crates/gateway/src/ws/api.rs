@@ -11,7 +11,6 @@ use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use axum::routing::post;
 use http::{HeaderMap, HeaderValue, StatusCode};
-use nimbus_core::keys::{self, KeyRefusal};
 
 use super::MAX_MESSAGE_BYTES;
 use super::registry::SendError;
@@ -34,55 +33,8 @@ fn gone(id: &str) -> Response {
     )
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-/// Admin token or a `connections`-scoped key; the refusal is the finished response.
 fn authorize(st: &GatewayState, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let token = bearer(headers);
-    if let (Some(t), Some(digest)) = (token, st.admin_token_sha256.as_ref())
-        && keys::verify(t, digest)
-    {
-        return Ok(());
-    }
-    let presented = match headers.get("x-api-key") {
-        Some(v) => v.to_str().ok().map(str::trim),
-        None => token,
-    };
-    let Some(presented) = presented else {
-        return Err(Box::new(auth::unauthorized(
-            "missing credentials: the admin token or an API key with the connections scope",
-        )));
-    };
-    let set = st.keys.borrow().clone();
-    let entry = match set.authenticate(presented, nimbus_core::now_ms()) {
-        Ok(e) => e,
-        Err(why) => {
-            let why = match why {
-                KeyRefusal::Malformed => "malformed",
-                KeyRefusal::Unknown => "unknown",
-                KeyRefusal::Expired => "expired",
-            };
-            tracing::info!(reason = why, "connections API: credentials refused");
-            return Err(Box::new(auth::unauthorized("invalid credentials")));
-        }
-    };
-    if !keys::allows(&entry.scopes, "connections", "") {
-        tracing::info!(key = %entry.name, "API key lacks the connections scope");
-        return Err(Box::new(error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this API key lacks the connections scope",
-        )));
-    }
-    if let Some(rate) = entry.rate {
-        st.limiters
-            .take(&format!("key:{}", entry.id), rate, "API key")?;
-    }
-    Ok(())
+    auth::platform_caller(st, headers, "connections", "")
 }
 
 /// `PostToConnection`: the body goes to the client as one frame, text when UTF-8.

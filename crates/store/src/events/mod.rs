@@ -87,7 +87,7 @@ impl EventLog {
     pub fn open(path: &Path) -> Result<Arc<EventLog>> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Invalid(format!("create {}: {e}", dir.display())))?;
+                .map_err(|e| Error::Unavailable(format!("create {}: {e}", dir.display())))?;
         }
         let mut conn = crate::open_configured(path)?;
         crate::migrations::migrate_steps(&mut conn, MIGRATIONS)?;
@@ -108,7 +108,7 @@ impl EventLog {
         let handle = std::thread::Builder::new()
             .name("nimbus-eventlog".into())
             .spawn(move || writer_loop(conn, rx, notify))
-            .map_err(|e| Error::Invalid(format!("start the event log writer: {e}")))?;
+            .map_err(|e| Error::Unavailable(format!("start the writer: {e}")))?;
         *log.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(log)
     }
@@ -128,18 +128,18 @@ impl EventLog {
         {
             let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
             let Some(sender) = jobs.as_ref() else {
-                return Err(Error::Invalid("the event log is closed".into()));
+                return Err(Error::Unavailable("closed".into()));
             };
             sender
                 .send(Job { run, reply })
-                .map_err(|_| Error::Invalid("the event log writer stopped".into()))?;
+                .map_err(|_| Error::Unavailable("the writer stopped".into()))?;
         }
         let out = rx
             .await
-            .map_err(|_| Error::Invalid("the event log writer stopped".into()))??;
+            .map_err(|_| Error::Unavailable("the writer stopped".into()))??;
         out.downcast::<T>()
             .map(|b| *b)
-            .map_err(|_| Error::Invalid("event log job returned another type".into()))
+            .map_err(|_| Error::Unavailable("a job returned another type".into()))
     }
 
     /// Runs a read on one of the reader connections (blocking: call from a blocking
@@ -204,7 +204,7 @@ fn writer_loop(mut conn: Connection, rx: Receiver<Job>, changes: watch::Sender<u
                 tracing::error!(error = %e, jobs = replies.len(), "event log commit failed");
                 let text = e.to_string();
                 for r in replies {
-                    let _ = r.send(Err(Error::Invalid(format!("commit failed: {text}"))));
+                    let _ = r.send(Err(Error::Unavailable(format!("commit failed: {text}"))));
                 }
             }
         }

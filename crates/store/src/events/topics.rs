@@ -427,6 +427,49 @@ fn prune_chunk(tx: &Transaction<'_>, topic: &str, now_ms: i64) -> Result<i64> {
     Ok(n)
 }
 
+impl nimbus_core::events::Publisher for EventLog {
+    fn publish(
+        &self,
+        topic: &str,
+        events: Vec<nimbus_core::events::ParsedEvent>,
+    ) -> nimbus_core::invoke::BoxFuture<
+        '_,
+        std::result::Result<Vec<nimbus_core::events::Published>, nimbus_core::events::PublishError>,
+    > {
+        use nimbus_core::events::{PublishError, Published};
+        let topic = topic.to_string();
+        Box::pin(async move {
+            let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+            let new = events
+                .into_iter()
+                .map(|e| NewEvent {
+                    id: e.id,
+                    key: e.key,
+                    body: e.body,
+                })
+                .collect();
+            match self.append(&topic, new, nimbus_core::now_ms()).await {
+                Ok(appended) => Ok(ids
+                    .into_iter()
+                    .zip(appended)
+                    .map(|(id, a)| Published {
+                        id,
+                        offset: a.offset,
+                        duplicate: a.duplicate,
+                    })
+                    .collect()),
+                Err(Error::NotFound(m)) => Err(PublishError::NotFound(m)),
+                Err(e) => {
+                    tracing::error!(error = %e, topic, "publish failed");
+                    Err(PublishError::Unavailable(
+                        "the event log could not commit".into(),
+                    ))
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
