@@ -529,6 +529,7 @@ def build_rows(R, args):
         k_vs_o = ratio(pick(G, "key_c32", "rps"), pick(G, "open_c32", "rps"))
         add(f"gateway API-key vs open route, c={args.rps_conns} req/s", rx(k_vs_o) if k_vs_o else "-",
             "open route", k_vs_o)
+    event_rows(R, add)
     return rows, checks
 
 
@@ -633,7 +634,7 @@ def measure_nimbus(args, R, tmp, say, floor_url):
         P["rss_idle_deployed"] = vm_rss(pid)
         P["instances_cgroup_idle_deployed"] = cgroup_total(parent)
 
-        for runtime, fn, _, path, _ in FUNCTIONS:
+        for runtime, fn, _, path, _ in (FUNCTIONS if args.only in ("all", "functions") else []):
             F = R["runtimes"][runtime] = {"function": fn, "path": path}
             url = f"http://{addr}{path}"
             say(f"{runtime}: cold start x{args.cold_runs} (gateway and invoke API)")
@@ -657,6 +658,10 @@ def measure_nimbus(args, R, tmp, say, floor_url):
             F["instances_after_load"] = instance_memory(parent, instance_ids(addr, token, fn))
             http_post(addr, f"/v1/functions/{fn}/evict", token)
 
+        if args.only in ("all", "events"):
+            measure_events(args, R, env, say)
+        if args.only not in ("all", "gateway"):
+            return
         # Gateway overhead: the same python hello behind an open and an API-key route.
         say("gateway: open route vs API-key route (python hello)")
         run([NIMBUS, "route", "add", "GET", "/keyed/{name}", "--function", "hello",
@@ -684,6 +689,49 @@ def measure_nimbus(args, R, tmp, say, floor_url):
         remove_cgroup_leftovers(parent)
 
 
+# producers, events per request: the publish configurations
+PUBLISH_RUNS = [(1, 1), (8, 1), (1, 256), (256, 1)]
+
+
+def measure_events(args, R, env, say):
+    E = R["events"]
+    say("events: the disk's fsync rate")
+    E["fsync"] = loadgen("fsync", "--dir", env["NIMBUS_DATA_DIR"], "--duration", 2.0)
+    run([NIMBUS, "topic", "create", "bench", "--max-bytes", "10GB"], env=env, what="topic create")
+    url = f"{env['NIMBUS_SERVER']}/v1/topics/bench/events"
+    for conns, batch in PUBLISH_RUNS:
+        say(f"events: durable publish, {conns} producer(s), {batch} event(s) per request, 1 KB events")
+        E[f"publish_c{conns}_b{batch}"] = loadgen(
+            "publish", "--url", url, "-c", conns, "--batch", batch, "--event-bytes", 1024,
+            "--duration", args.rps_secs, "--warmup-secs", args.rps_warmup, env=env)
+
+
+def event_rows(R, add):
+    E = R.get("events") or {}
+    if not E:
+        return
+    fs = E.get("fsync") or {}
+    rate, fms = fs.get("fsyncs_per_s"), pick(fs, "fsync_ms", "p50")
+    add("baseline: disk fsync (1 KiB append + fdatasync)", f"{rate or 0:.0f} fsync/s  p50 {ms(fms)} ms")
+    targets = {
+        (1, 1): (2000, 0.6, None, ">= 2k ev/s, p50 <= 0.6 ms"),
+        (8, 1): (15000, None, None, ">= 15k ev/s"),
+        (1, 256): (50000, None, 10.0, ">= 50k ev/s, p99 <= 10 ms"),
+        (256, 1): (50000, None, 10.0, ">= 50k ev/s, p99 <= 10 ms"),
+    }
+    for (conns, batch), (min_eps, max_p50, max_p99, text) in targets.items():
+        T = E.get(f"publish_c{conns}_b{batch}")
+        if not T:
+            continue
+        eps, lat = T.get("events_per_s") or 0, T.get("ack_ms") or {}
+        label = (f"durable publish, {conns} producer{'s' if conns > 1 else ''}"
+                 + (f", batches of {batch}" if batch > 1 else ", awaiting each ack"))
+        ok = eps >= min_eps and (max_p50 is None or (lat.get("p50") or 1e9) <= max_p50) \
+            and (max_p99 is None or (lat.get("p99") or 1e9) <= max_p99)
+        add(label, f"{eps:.0f} ev/s  ack p50 {ms(lat.get('p50'))}  p99 {ms(lat.get('p99'))} ms",
+            f"fsync {rate or 0:.0f}/s", ratio(eps, rate), target=text, ok=ok)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-build", action="store_true", help="use the binaries in target/release")
@@ -704,6 +752,8 @@ def main():
     ap.add_argument("--settle", type=float, default=0.5, help="seconds before reading memory")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--out", help="JSON path (default bench/results/<UTC timestamp>.json)")
+    ap.add_argument("--only", choices=["all", "functions", "gateway", "events"], default="all",
+                    help="measure one part (baselines are always measured)")
     args = ap.parse_args()
     if args.quick:
         args.cold_runs, args.warm_requests, args.warmup = 5, 200, 20
@@ -739,7 +789,7 @@ def main():
             "cpus": os.cpu_count(), "loadavg_start": loadavg(), "args": vars(args),
             "client": "bench/loadgen: closed loop, HTTP/1.1 keep-alive, 1 client thread",
         },
-        "baselines": {}, "platform": {}, "runtimes": {}, "gateway": {},
+        "baselines": {}, "platform": {}, "runtimes": {}, "gateway": {}, "events": {},
     }
     bench_started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="nimbus-bench-")

@@ -11,6 +11,7 @@
 //! harness compares figures; this tool only measures).
 #![forbid(unsafe_code)]
 
+mod publish;
 mod stats;
 mod target;
 
@@ -50,6 +51,10 @@ enum Cmd {
     Cold(ColdArgs),
     /// Time a process from spawn to exit, N times (interpreter start-up baselines).
     Spawn(SpawnArgs),
+    /// Durable publish load: CloudEvents POSTed by N producers, each awaiting its ack.
+    Publish(publish::PublishArgs),
+    /// The disk's fsync rate (1 KiB append + fdatasync), the floor for durable acks.
+    Fsync(publish::FsyncArgs),
 }
 
 #[derive(Args)]
@@ -123,6 +128,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Run(a) => runtime(a.threads).and_then(|rt| rt.block_on(run(a))),
         Cmd::Cold(a) => runtime(1).and_then(|rt| rt.block_on(cold(a))),
         Cmd::Spawn(a) => spawn(&a),
+        Cmd::Publish(a) => runtime(1).and_then(|rt| rt.block_on(publish::publish(a))),
+        Cmd::Fsync(a) => publish::fsync(&a),
     };
     match out {
         Ok(v) => {
