@@ -69,7 +69,7 @@ const MIGRATIONS: &[&str] = &[
         body             BLOB NOT NULL,
         PRIMARY KEY (topic, offset)
     ) STRICT, WITHOUT ROWID;
-    CREATE INDEX events_by_id ON events (topic, id);
+    CREATE INDEX events_by_id ON events (topic, id, published_at_ms);
     "#,
 ];
 

@@ -322,8 +322,10 @@ fn append_tx(
     let mut bytes = 0i64;
     let mut added = 0i64;
     let mut find = tx.prepare_cached(
-        "SELECT offset FROM events WHERE topic = ?1 AND id = ?2 AND published_at_ms >= ?3
-         ORDER BY offset DESC LIMIT 1",
+        // INDEXED BY: ordered by offset, the planner would rather walk the whole
+        // topic along its primary key than look the id up.
+        "SELECT offset FROM events INDEXED BY events_by_id
+         WHERE topic = ?1 AND id = ?2 AND published_at_ms >= ?3 LIMIT 1",
     )?;
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (topic, offset, id, key, published_at_ms, size, body)
