@@ -60,12 +60,7 @@ pub fn check_api_key(
     let entry = match keys.authenticate(presented, now_ms) {
         Ok(e) => e,
         Err(why) => {
-            let why = match why {
-                KeyRefusal::Malformed => "malformed",
-                KeyRefusal::Unknown => "unknown",
-                KeyRefusal::Expired => "expired",
-            };
-            tracing::info!(reason = why, function, "API key refused");
+            tracing::info!(reason = refusal(why), function, "API key refused");
             return Err(Box::new(unauthorized("invalid API key")));
         }
     };
@@ -77,6 +72,30 @@ pub fn check_api_key(
             "this API key may not call this route",
         )));
     }
+    let rate_headers = spend(limiters, quotas, entry, now_ms)?;
+    Ok(Caller {
+        key_id: entry.id.clone(),
+        key_name: entry.name.clone(),
+        rate_headers,
+    })
+}
+
+fn refusal(why: KeyRefusal) -> &'static str {
+    match why {
+        KeyRefusal::Malformed => "malformed",
+        KeyRefusal::Unknown => "unknown",
+        KeyRefusal::Expired => "expired",
+    }
+}
+
+/// Takes a token from the key's bucket, then counts the request against its quota;
+/// Ok holds the `RateLimit-*` headers of whichever limit is nearer to refusing.
+fn spend(
+    limiters: &KeyLimiters,
+    quotas: &Quotas,
+    entry: &keys::KeyEntry,
+    now_ms: i64,
+) -> Result<RateHeaders, Box<Response>> {
     let mut rate_headers = match entry.rate {
         Some(rate) => limiters.take(&format!("key:{}", entry.id), rate, "API key")?,
         None => Vec::new(),
@@ -84,16 +103,11 @@ pub fn check_api_key(
     // The quota after the bucket: a request the rate limit refuses spends no quota.
     if let Some(quota) = entry.quota {
         let quota_headers = quotas.take(&entry.id, quota, now_ms)?;
-        // Show whichever limit is nearer to refusing.
         if rate_headers.is_empty() || remaining(&quota_headers) < remaining(&rate_headers) {
             rate_headers = quota_headers;
         }
     }
-    Ok(Caller {
-        key_id: entry.id.clone(),
-        key_name: entry.name.clone(),
-        rate_headers,
-    })
+    Ok(rate_headers)
 }
 
 fn remaining(h: &RateHeaders) -> u64 {
@@ -138,12 +152,11 @@ pub(crate) fn platform_caller(
     let entry = match set.authenticate(presented, nimbus_core::now_ms()) {
         Ok(e) => e,
         Err(why) => {
-            let why = match why {
-                KeyRefusal::Malformed => "malformed",
-                KeyRefusal::Unknown => "unknown",
-                KeyRefusal::Expired => "expired",
-            };
-            tracing::info!(reason = why, action, "platform API: credentials refused");
+            tracing::info!(
+                reason = refusal(why),
+                action,
+                "platform API: credentials refused"
+            );
             return Err(Box::new(unauthorized("invalid credentials")));
         }
     };
@@ -159,14 +172,7 @@ pub(crate) fn platform_caller(
             },
         )));
     }
-    if let Some(rate) = entry.rate {
-        st.limiters
-            .take(&format!("key:{}", entry.id), rate, "API key")?;
-    }
-    if let Some(quota) = entry.quota {
-        st.quotas.take(&entry.id, quota, nimbus_core::now_ms())?;
-    }
-    Ok(())
+    spend(&st.limiters, &st.quotas, entry, nimbus_core::now_ms()).map(|_| ())
 }
 
 /// Headers that carry credentials: never passed on to the function.

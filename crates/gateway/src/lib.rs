@@ -398,7 +398,8 @@ async fn serve_route(
         )
         .await
     } else {
-        invoke_function(st, found, route_key, &parts, &body, &admitted, request_id).await
+        let trace = observe::traceparent(&parts.headers);
+        invoke_function(st, found, event(&parts, &body), trace, request_id).await
     };
     if let Some(f) = &opts.transform_response {
         let ev = event(&parts, &body);
@@ -451,21 +452,10 @@ fn request_event(
 async fn invoke_function(
     st: &GatewayState,
     found: &RouteMatch<'_>,
-    route_key: &str,
-    parts: &http::request::Parts,
-    body: &Bytes,
-    admitted: &Admitted,
+    event: serde_json::Value,
+    trace: Option<String>,
     request_id: &str,
 ) -> Response {
-    let event = request_event(
-        found,
-        route_key,
-        parts,
-        body,
-        admitted.strips_credentials(),
-        admitted.authorizer(),
-        request_id,
-    );
     let payload = match serde_json::to_vec(&event) {
         Ok(p) => p,
         Err(_) => {
@@ -483,7 +473,7 @@ async fn invoke_function(
         target: Target::Alias(found.entry.alias.clone()),
         trigger: Trigger::Http,
         payload: payload.into(),
-        trace: observe::traceparent(&parts.headers),
+        trace,
     };
     let outcome = match found.entry.options.timeout_ms {
         None => st.invoker.invoke(req).await,
