@@ -59,16 +59,20 @@ const MIGRATIONS: &[&str] = &[
         bytes            INTEGER NOT NULL DEFAULT 0,
         count            INTEGER NOT NULL DEFAULT 0
     ) STRICT;
+    -- A rowid table: rows arrive in rowid order (appends only touch the right edge
+    -- of the tree) and 1 KB bodies stay out of the (topic, offset) index, which a
+    -- WITHOUT ROWID table would make its leaves hold.
     CREATE TABLE events (
+        seq              INTEGER PRIMARY KEY,
         topic            TEXT NOT NULL,
         offset           INTEGER NOT NULL,
         id               TEXT NOT NULL,
         key              TEXT,
         published_at_ms  INTEGER NOT NULL,
         size             INTEGER NOT NULL,
-        body             BLOB NOT NULL,
-        PRIMARY KEY (topic, offset)
-    ) STRICT, WITHOUT ROWID;
+        body             BLOB NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX events_by_offset ON events (topic, offset);
     CREATE INDEX events_by_id ON events (topic, id, published_at_ms);
     "#,
 ];
