@@ -73,15 +73,21 @@ pub fn install_exporter() -> anyhow::Result<PrometheusHandle> {
 struct MetricsState {
     prometheus: PrometheusHandle,
     recorder: Arc<Recorder>,
+    events: Arc<nimbus_store::events::EventLog>,
 }
 
 /// `GET /metrics`, to be merged outside the admin-token layer.
-pub fn router(prometheus: PrometheusHandle, recorder: Arc<Recorder>) -> Router {
+pub fn router(
+    prometheus: PrometheusHandle,
+    recorder: Arc<Recorder>,
+    events: Arc<nimbus_store::events::EventLog>,
+) -> Router {
     Router::new()
         .route("/metrics", axum::routing::get(render))
         .with_state(MetricsState {
             prometheus,
             recorder,
+            events,
         })
 }
 
@@ -90,6 +96,10 @@ async fn render(State(st): State<MetricsState>) -> impl IntoResponse {
     metrics::counter!("nimbus_metering_records_written_total").absolute(s.written);
     metrics::counter!("nimbus_metering_records_dropped_total").absolute(s.dropped);
     metrics::counter!("nimbus_metering_records_failed_total").absolute(s.failed);
+    let e = st.events.stats();
+    metrics::counter!("nimbus_eventlog_commits_total").absolute(e.commits);
+    metrics::counter!("nimbus_eventlog_jobs_total").absolute(e.jobs);
+    metrics::counter!("nimbus_eventlog_failed_commits_total").absolute(e.failed_commits);
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         st.prometheus.render(),

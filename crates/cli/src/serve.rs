@@ -226,7 +226,11 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     };
     let gateway = nimbus_gateway::router(gateway_state.clone());
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
-    let control = control.merge(crate::meter::router(prometheus, Arc::clone(&recorder)));
+    let control = control.merge(crate::meter::router(
+        prometheus,
+        Arc::clone(&recorder),
+        Arc::clone(&events),
+    ));
     // One listener for everything, or the control API and metrics on their own.
     // Functions with egress reach the connections API on either.
     let (public_app, control_app) = match &args.control_listen {

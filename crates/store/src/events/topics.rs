@@ -122,11 +122,10 @@ fn with_bounds(conn: &Connection, mut t: TopicInfo) -> Result<TopicInfo> {
 
 /// The topic row inside a write, or not found.
 fn topic_tx(tx: &Transaction<'_>, name: &str) -> Result<TopicInfo> {
-    tx.query_row(
-        &format!("SELECT {TOPIC_COLUMNS} FROM topics WHERE name = ?1"),
-        [name],
-        topic_row,
-    )
+    tx.prepare_cached(&format!(
+        "SELECT {TOPIC_COLUMNS} FROM topics WHERE name = ?1"
+    ))?
+    .query_row([name], topic_row)
     .optional()?
     .ok_or_else(|| not_found(name))
 }
@@ -309,11 +308,10 @@ fn append_tx(
     // Publish times never go backwards along offsets (the clock may): reset --to and
     // retention rely on it.
     let last_at: Option<i64> = tx
-        .query_row(
+        .prepare_cached(
             "SELECT published_at_ms FROM events WHERE topic = ?1 ORDER BY offset DESC LIMIT 1",
-            [topic],
-            |r| r.get(0),
-        )
+        )?
+        .query_row([topic], |r| r.get(0))
         .optional()?;
     let at = last_at.map_or(now_ms, |l| l.max(now_ms));
     let mut next = t.next_offset;
@@ -363,11 +361,11 @@ fn append_tx(
         added += 1;
     }
     if added > 0 {
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE topics SET next_offset = ?2, bytes = bytes + ?3, count = count + ?4
              WHERE name = ?1",
-            params![topic, next, bytes, added],
-        )?;
+        )?
+        .execute(params![topic, next, bytes, added])?;
     }
     Ok(out)
 }
@@ -623,5 +621,50 @@ mod tests {
         });
         let t = log.topic("t").expect("topic");
         assert_eq!((t.count, t.next_offset), (400, 400));
+    }
+
+    #[test]
+    fn a_failing_job_rolls_back_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = EventLog::open(&dir.path().join("events.db")).expect("open");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            log.create_topic("t", TopicSettings::default(), 0)
+                .await
+                .expect("create");
+            let mut tasks = Vec::new();
+            for i in 0..40 {
+                let log = std::sync::Arc::clone(&log);
+                tasks.push(tokio::spawn(async move {
+                    log.write(move |tx| {
+                        append_tx(tx, "t", &[ev(&format!("e{i}"), 1)], 1)?;
+                        if i % 2 == 1 {
+                            return Err(Error::Invalid("refused after writing".into()));
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .is_ok()
+                }));
+            }
+            for (i, t) in tasks.into_iter().enumerate() {
+                assert_eq!(t.await.expect("join"), i % 2 == 0);
+            }
+        });
+        let ids: Vec<String> = log
+            .read_events("t", 0, 100)
+            .expect("read")
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids.len(), 20, "{ids:?}");
+        assert!(
+            ids.iter()
+                .all(|id| id[1..].parse::<u32>().expect("n") % 2 == 0)
+        );
     }
 }
