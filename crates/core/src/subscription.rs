@@ -193,7 +193,7 @@ mod tests {
             (json!({"topic": "Bad"}), "events[0].topic"),
             (json!({"topic": "orders", "bogus": 1}), "events[0]"),
         ] {
-            match from_manifest("billing", &[entry.clone()]) {
+            match from_manifest("billing", std::slice::from_ref(&entry)) {
                 Err((f, m)) => assert_eq!(f, field, "{entry}: {m}"),
                 Ok(_) => panic!("{entry} accepted"),
             }
