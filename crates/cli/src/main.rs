@@ -21,6 +21,7 @@ mod meter;
 mod route;
 mod scale;
 mod serve;
+mod subscribe;
 mod tls;
 mod topic;
 mod usage;
@@ -135,6 +136,13 @@ enum Command {
     },
     /// Publish a CloudEvent to a topic (acknowledged once durable).
     Publish(topic::PublishArgs),
+    /// Subscribe a function to a topic (at-least-once delivery, retries, dead letters).
+    Subscribe(subscribe::SubscribeArgs),
+    /// List, show, delete and reset (replay) subscriptions.
+    Subscription {
+        #[command(subcommand)]
+        cmd: subscribe::SubscriptionCmd,
+    },
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
 }
@@ -214,6 +222,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { cmd } => keys::run(&g, &cmd),
         Command::Topic { cmd } => topic::run(&g, cmd),
         Command::Publish(args) => topic::publish(&g, &args),
+        Command::Subscribe(args) => subscribe::subscribe(&g, &args),
+        Command::Subscription { cmd } => subscribe::run(&g, cmd),
         Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
     }
 }

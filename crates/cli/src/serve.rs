@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "NIMBUS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// First retry delay of a failed event delivery (doubles per attempt, jittered).
+    #[arg(long, env = "NIMBUS_EVENT_RETRY_BASE", default_value = "1s", value_parser = nimbus_core::duration::parse_duration)]
+    pub event_retry_base: std::time::Duration,
     #[command(flatten)]
     pub metering: crate::meter::MeteringArgs,
     #[command(flatten)]
@@ -195,6 +198,18 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         metering: Arc::clone(&recorder),
         applied: vec![routes_gen, keys_gen],
     }));
+    // After the worker (it invokes) and the event log (it reads and settles).
+    let broker = nimbus_broker::Broker::spawn(
+        Arc::clone(&events),
+        Arc::clone(&store),
+        Arc::clone(&invoker),
+        nimbus_broker::BrokerConfig {
+            retry_base_ms: u64::try_from(args.event_retry_base.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            ..Default::default()
+        },
+    );
     let quotas = Arc::new(nimbus_gateway::Quotas::default());
     let quota_writer = crate::meter::spawn_quota_writer(Arc::clone(&store), Arc::clone(&quotas))
         .await
@@ -319,6 +334,14 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             connections.shutdown().await;
         })
     };
+    // No new deliveries once the signal comes; in-flight ones finish during the drain.
+    let broker_stop = {
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            stop.await;
+            broker.join().await;
+        })
+    };
     let public_tls = tls.clone();
     let public = crate::listen::serve(
         listener,
@@ -344,6 +367,13 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         tracing::warn!("drain timeout: WebSocket connections left without $disconnect");
     }
 
+    if tokio::time::timeout(args.limits.drain_timeout, broker_stop)
+        .await
+        .is_err()
+    {
+        // Their outcomes are not recorded: delivered again after the restart.
+        tracing::warn!("drain timeout: event deliveries still in flight");
+    }
     tracing::info!("draining done; stopping instances");
     worker.shutdown().await;
     housekeeping.abort();

@@ -149,7 +149,6 @@ pub fn run(g: &Global, cmd: TopicCmd) -> anyhow::Result<ExitCode> {
             println!("{tbl}");
         }
         TopicCmd::Get { name } | TopicCmd::Stats { name } => {
-            // Subscriptions' lag joins this view once they exist (`stats`).
             let t: serde_json::Value =
                 api.json(api.req(get, &format!("/v1/topics/{}", enc(&name))))?;
             if g.output == Output::Json {

@@ -15,6 +15,7 @@ mod keys;
 mod metering;
 mod routes;
 mod scaling;
+mod subscriptions;
 mod topics;
 
 use std::sync::Arc;
@@ -92,6 +93,15 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/topics/{name}", get(topics::get).delete(topics::remove))
         // POST (publish) on the same path is the gateway's; axum merges the methods.
         .route("/v1/topics/{name}/events", get(topics::read))
+        .route(
+            "/v1/subscriptions",
+            get(subscriptions::list).post(subscriptions::create),
+        )
+        .route(
+            "/v1/subscriptions/{name}",
+            get(subscriptions::get).delete(subscriptions::remove),
+        )
+        .route("/v1/subscriptions/{name}/reset", post(subscriptions::reset))
         .route("/v1/usage", get(metering::usage))
         .route("/v1/usage/recommendations", get(metering::recommendations))
         .route("/v1/functions/{name}/logs", get(metering::logs))
@@ -203,7 +213,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
     drop(file);
 
     let st2 = Arc::clone(&st);
-    let (resp, created) = blocking(move || {
+    let (config, resp, created) = blocking(move || {
         let ingested = st2
             .artifacts
             .ingest(&tmp_path, &st2.unpack_limits)
@@ -227,11 +237,15 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
             )));
         }
         let warnings = warnings_for(&config);
+        // Topics are checked before the version is stored, so a manifest naming a
+        // missing topic is refused with nothing changed.
+        subscriptions::check_manifest(&st2.events, &config)?;
         let result = st2
             .store
             .deploy(&ingested.digest, ingested.size, &config)
             .map_err(ApiError::from_store)?;
         Ok((
+            config.clone(),
             DeployResponse {
                 name: config.name.clone(),
                 version: result.version.version,
@@ -244,6 +258,9 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         ))
     })
     .await?;
+    // Replaced on every deploy, like manifest routes (also when nothing new was made:
+    // a deploy is how a user says "make it so").
+    subscriptions::apply_manifest(&st, &config).await?;
     tracing::info!(function = %resp.name, version = resp.version, created, "deployed");
     let status = if created {
         StatusCode::CREATED
@@ -257,9 +274,6 @@ fn warnings_for(c: &nimbus_core::FunctionConfig) -> Vec<String> {
     let mut w = Vec::new();
     if !c.cron.is_empty() {
         w.push("[[cron]] triggers are stored but not yet scheduled by this build".into());
-    }
-    if !c.events.is_empty() {
-        w.push("[[events]] subscriptions are stored but not yet delivered by this build".into());
     }
     w
 }
@@ -355,6 +369,10 @@ async fn delete_function(
     let n = name.clone();
     let unused =
         blocking(move || st2.store.delete_function(&n).map_err(ApiError::from_store)).await?;
+    // Nothing is left to deliver to: its subscriptions, manifest or not, go with it.
+    if let Err(e) = st.events.delete_function_subscriptions(&name).await {
+        tracing::error!(function = %name, error = %e, "delete the function's subscriptions");
+    }
     st.invoker.evict(&name).await;
     let artifacts = Arc::clone(&st.artifacts);
     blocking(move || {

@@ -103,12 +103,33 @@ pub(crate) async fn list(
     blocking(move || events.topics().map(Json).map_err(ApiError::from_store)).await
 }
 
+/// The topic and, for `nimbus topic stats`, each subscription's lag.
 pub(crate) async fn get(
     State(st): State<Arc<ControlState>>,
     Path(name): Path<String>,
-) -> Result<Json<TopicInfo>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let events = Arc::clone(&st.events);
-    blocking(move || events.topic(&name).map(Json).map_err(ApiError::from_store)).await
+    blocking(move || {
+        let t = events.topic(&name).map_err(ApiError::from_store)?;
+        let mut subs = Vec::new();
+        for r in events.subscriptions().map_err(ApiError::from_store)? {
+            if r.spec.topic == name {
+                let i = crate::subscriptions::info(&events, r)?;
+                subs.push(serde_json::json!({
+                    "name": i.spec.name,
+                    "function": i.spec.function,
+                    "lag": i.lag,
+                    "cursor": i.cursor,
+                    "retrying": i.retrying,
+                }));
+            }
+        }
+        let mut v = serde_json::to_value(&t)
+            .map_err(|e| ApiError::Internal(format!("serialize topic: {e}")))?;
+        v["subscriptions"] = serde_json::Value::Array(subs);
+        Ok(Json(v))
+    })
+    .await
 }
 
 pub(crate) async fn remove(

@@ -319,3 +319,33 @@ pub struct CreateTopicRequest {
     #[serde(default)]
     pub dedup_window: Option<String>,
 }
+
+/// `POST /v1/subscriptions`: the fields of `[[events]]` plus the function.
+pub type CreateSubscriptionRequest = crate::subscription::RawSubscription;
+
+/// A subscription with its delivery position, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscriptionInfo {
+    #[serde(flatten)]
+    pub spec: crate::subscription::SubscriptionSpec,
+    /// `manifest` (replaced on each deploy of its function) or `api`.
+    pub source: String,
+    /// Every offset below it is settled (delivered, filtered out, dead-lettered or dropped).
+    pub cursor: i64,
+    /// Events of the topic not yet settled.
+    pub lag: i64,
+    /// Events above the cursor waiting for a retry.
+    pub retrying: i64,
+    pub created_at_ms: i64,
+}
+
+/// `POST /v1/subscriptions/{name}/reset`: exactly one of the two.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetSubscriptionRequest {
+    /// RFC 3339: start at the first event published at or after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<i64>,
+}

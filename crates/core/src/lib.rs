@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod retry;
 pub mod route_options;
 pub mod routes;
+pub mod subscription;
 
 pub use invoke::{
     FunctionError, InstanceInfo, InvocationRecord, InvokeError, InvokeOutcome, InvokeRequest,

@@ -698,6 +698,11 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                 .collect()
         };
 
+    let events = to_json("events", raw.events)?;
+    // Checked here so a bad filter or bound fails the deploy with its field named;
+    // stored raw and re-read by the control API when it installs them.
+    crate::subscription::from_manifest(&name, &events).map_err(|(f, m)| err(&f, m))?;
+
     Ok(FunctionConfig {
         name,
         runtime,
@@ -711,7 +716,7 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         env,
         routes,
         cron: to_json("cron", raw.cron)?,
-        events: to_json("events", raw.events)?,
+        events,
     })
 }
 

@@ -16,6 +16,7 @@
 //!
 //! Readers use their own connections (WAL readers never block the writer).
 
+mod subscriptions;
 mod topics;
 
 use std::any::Any;
@@ -29,6 +30,9 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{Error, Result};
 
+pub use subscriptions::{
+    DeliveryState, Settled, SubscriptionRow, SubscriptionSource, Update, settled_prefix,
+};
 pub use topics::{
     Appended, DEFAULT_DEDUP_WINDOW_MS, NewEvent, StoredEvent, TopicInfo, TopicSettings,
 };
@@ -74,6 +78,39 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE UNIQUE INDEX events_by_offset ON events (topic, offset);
     CREATE INDEX events_by_id ON events (topic, id, published_at_ms);
+    "#,
+    // 2: subscriptions and their delivery state. `cursor`: every offset below it is
+    // settled. `epoch` moves on a reset, so outcomes of deliveries started before it
+    // are recognised and ignored. `delivery_state` holds only offsets at or above
+    // the cursor that are settled (`done`) or waiting for a retry (`retry`).
+    r#"
+    CREATE TABLE subscriptions (
+        name             TEXT PRIMARY KEY NOT NULL,
+        topic            TEXT NOT NULL,
+        function         TEXT NOT NULL,
+        alias            TEXT NOT NULL,
+        filter           TEXT NOT NULL,
+        batch            INTEGER NOT NULL,
+        max_attempts     INTEGER NOT NULL,
+        max_age_ms       INTEGER NOT NULL,
+        dead_letter      TEXT,
+        ordered          INTEGER NOT NULL,
+        source           TEXT NOT NULL,
+        cursor           INTEGER NOT NULL,
+        epoch            INTEGER NOT NULL DEFAULT 0,
+        created_at_ms    INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX subscriptions_by_topic ON subscriptions (topic);
+    CREATE INDEX subscriptions_by_function ON subscriptions (function);
+    CREATE TABLE delivery_state (
+        subscription     TEXT NOT NULL,
+        offset           INTEGER NOT NULL,
+        state            TEXT NOT NULL,
+        attempts         INTEGER NOT NULL,
+        next_at_ms       INTEGER NOT NULL,
+        last_error       TEXT,
+        PRIMARY KEY (subscription, offset)
+    ) STRICT, WITHOUT ROWID;
     "#,
 ];
 

@@ -121,7 +121,7 @@ fn with_bounds(conn: &Connection, mut t: TopicInfo) -> Result<TopicInfo> {
 }
 
 /// The topic row inside a write, or not found.
-fn topic_tx(tx: &Transaction<'_>, name: &str) -> Result<TopicInfo> {
+pub(super) fn topic_tx(tx: &Transaction<'_>, name: &str) -> Result<TopicInfo> {
     tx.prepare_cached(&format!(
         "SELECT {TOPIC_COLUMNS} FROM topics WHERE name = ?1"
     ))?
@@ -201,6 +201,7 @@ impl EventLog {
         self.write(move |tx| {
             let t = topic_tx(tx, &name)?;
             tx.execute("DELETE FROM events WHERE topic = ?1", [&name])?;
+            super::subscriptions::delete_topic_subscriptions(tx, &name)?;
             tx.execute("DELETE FROM topics WHERE name = ?1", [&name])?;
             Ok(t)
         })
@@ -298,7 +299,7 @@ impl EventLog {
     }
 }
 
-fn append_tx(
+pub(super) fn append_tx(
     tx: &Transaction<'_>,
     topic: &str,
     events: &[NewEvent],
