@@ -704,6 +704,93 @@ def measure_events(args, R, env, say):
         E[f"publish_c{conns}_b{batch}"] = loadgen(
             "publish", "--url", url, "-c", conns, "--batch", batch, "--event-bytes", 1024,
             "--duration", args.rps_secs, "--warmup-secs", args.rps_warmup, env=env)
+    measure_delivery(args, R, env, say, os.path.dirname(env["NIMBUS_DATA_DIR"]))
+
+
+SINK_MANIFEST = """name = "bench-sink"
+runtime = "python3"
+handler = "main.handler"
+concurrency = { max_instances = 4, min_instances = 1 }
+"""
+SINK_CODE = """import time
+
+
+def handler(event, context):
+    # The receive time on the same clock as the bench's send time.
+    print("recv", event["id"], repr(time.time() * 1000.0), flush=True)
+    return {}
+"""
+
+
+def measure_delivery(args, R, env, say, tmp):
+    """Publish-to-function latency: one event at a time, stamped on send; the function
+    prints its receive time; both on this machine's clock."""
+    E = R["events"]
+    d = os.path.join(tmp, "bench-sink")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "nimbus.toml"), "w") as f:
+        f.write(SINK_MANIFEST)
+    with open(os.path.join(d, "main.py"), "w") as f:
+        f.write(SINK_CODE)
+    run([NIMBUS, "deploy", d], env=env, what="deploy bench-sink")
+    run([NIMBUS, "topic", "create", "latency"], env=env, what="topic create")
+    run([NIMBUS, "subscribe", "latency", "--function", "bench-sink"], env=env, what="subscribe")
+    addr = env["NIMBUS_SERVER"].split("://", 1)[1]
+    host, port = addr.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    n = 100 if args.quick else 400
+    say(f"events: publish-to-function latency, {n} events one at a time")
+    sent = {}
+    headers = {"Authorization": f"Bearer {env['NIMBUS_TOKEN']}",
+               "content-type": "application/cloudevents+json"}
+    try:
+        for i in range(n):
+            eid = f"lat-{i}"
+            body = json.dumps({"specversion": "1.0", "id": eid, "source": "bench",
+                               "type": "bench.latency", "data": {"i": i}})
+            sent[eid] = time.time() * 1000.0
+            c.request("POST", "/v1/topics/latency/events", body=body, headers=headers)
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                raise Failed(f"publish for latency: {r.status}")
+            time.sleep(0.01)
+    finally:
+        c.close()
+    recv, deadline = {}, time.monotonic() + 30
+    while len(recv) < n and time.monotonic() < deadline:
+        time.sleep(0.5)
+        recv = {}
+        after = 0
+        while True:
+            st, _, body = http_get_auth(addr, f"/v1/functions/bench-sink/logs?since=10m&limit=1000&after={after}",
+                                        env["NIMBUS_TOKEN"])
+            if st != 200:
+                raise Failed(f"logs: {st} {body[:200]!r}")
+            page = json.loads(body)
+            for e in page["entries"]:
+                for line in e["logs"].splitlines():
+                    parts = line.split()
+                    if len(parts) == 3 and parts[0] == "recv":
+                        recv.setdefault(parts[1], float(parts[2]))
+            if not page["entries"]:
+                break
+            after = page["cursor"]
+    lat = sorted(recv[k] - sent[k] for k in recv if k in sent)
+    E["delivery"] = {"events": n, "delivered": len(lat),
+                     "latency_ms": {"p50": lat[len(lat) // 2] if lat else None,
+                                    "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}}
+
+
+def http_get_auth(addr, path, token, timeout=30):
+    host, port = addr.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        c.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        c.close()
 
 
 def event_rows(R, add):
@@ -730,6 +817,12 @@ def event_rows(R, add):
             and (max_p99 is None or (lat.get("p99") or 1e9) <= max_p99)
         add(label, f"{eps:.0f} ev/s  ack p50 {ms(lat.get('p50'))}  p99 {ms(lat.get('p99'))} ms",
             f"fsync {rate or 0:.0f}/s", ratio(eps, rate), target=text, ok=ok)
+    D = E.get("delivery")
+    if D:
+        lat = D["latency_ms"]
+        add("publish-to-function latency (1 at a time)",
+            f"p50 {ms(lat.get('p50'))}  p99 {ms(lat.get('p99'))} ms  ({D['delivered']}/{D['events']} delivered)",
+            f"publish ack p50 {ms(pick(E, 'publish_c1_b1', 'ack_ms', 'p50'))} ms")
 
 
 def main():
