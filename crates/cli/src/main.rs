@@ -13,7 +13,9 @@
 
 mod build;
 mod client;
+mod cron;
 mod init;
+mod invocation;
 mod jwks;
 mod keys;
 mod listen;
@@ -135,6 +137,16 @@ enum Command {
     },
     /// Publish a CloudEvent to a topic (acknowledged once durable).
     Publish(topic::PublishArgs),
+    /// Show an invocation: an async one's state, attempts, error and result.
+    Invocation {
+        #[command(subcommand)]
+        cmd: invocation::InvocationCmd,
+    },
+    /// List cron triggers and their next fire times, or fire one now.
+    Cron {
+        #[command(subcommand)]
+        cmd: cron::CronCmd,
+    },
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
 }
@@ -214,6 +226,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { cmd } => keys::run(&g, &cmd),
         Command::Topic { cmd } => topic::run(&g, cmd),
         Command::Publish(args) => topic::publish(&g, &args),
+        Command::Invocation { cmd } => invocation::run(&g, cmd),
+        Command::Cron { cmd } => cron::run(&g, cmd),
         Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
     }
 }
