@@ -54,7 +54,10 @@ fn topic_events(s: &Server, topic: &str) -> Vec<Value> {
         .expect("read")
         .json()
         .expect("json");
-    v["events"].as_array().cloned().unwrap_or_default()
+    v["events"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["event"].clone()).collect())
+        .unwrap_or_default()
 }
 
 fn wait_events(s: &Server, topic: &str, n: usize) -> Vec<Value> {
