@@ -206,8 +206,10 @@ impl CronSpec {
             return Err((whole, "must be a table".into()));
         };
         for k in t.keys() {
-            if !["name", "schedule", "timezone", "payload", "catch_up", "overlap"]
-                .contains(&k.as_str())
+            if ![
+                "name", "schedule", "timezone", "payload", "catch_up", "overlap",
+            ]
+            .contains(&k.as_str())
             {
                 return Err((
                     field(k),
@@ -235,8 +237,12 @@ impl CronSpec {
                 format!("`{name}` must be 1-{MAX_NAME} of a-z, A-Z, 0-9, - and _"),
             ));
         }
-        let schedule = string("schedule")?
-            .ok_or_else(|| (field("schedule"), "is required, e.g. \"*/5 * * * *\"".into()))?;
+        let schedule = string("schedule")?.ok_or_else(|| {
+            (
+                field("schedule"),
+                "is required, e.g. \"*/5 * * * *\"".into(),
+            )
+        })?;
         let timezone = string("timezone")?;
         Schedule::parse(&schedule, timezone.as_deref()).map_err(|m| {
             let f = if m.starts_with("timezone") {
@@ -296,7 +302,12 @@ pub enum CatchUp {
 
 /// The catch-up decision for one cron: `last_scheduled_ms` is the latest scheduled
 /// time already handled (fired, skipped, or the moment the cron was first seen).
-pub fn catch_up(schedule: &Schedule, last_scheduled_ms: i64, now_ms: i64, enabled: bool) -> CatchUp {
+pub fn catch_up(
+    schedule: &Schedule,
+    last_scheduled_ms: i64,
+    now_ms: i64,
+    enabled: bool,
+) -> CatchUp {
     match schedule.last_between(last_scheduled_ms, now_ms) {
         None => CatchUp::Nothing,
         Some(t) if enabled => CatchUp::Run(t),
@@ -315,7 +326,10 @@ pub struct ScheduledEventSource<'a> {
 }
 
 /// An EventBridge-style Scheduled Event, the event a cron fire hands its function.
-pub fn scheduled_event(src: &ScheduledEventSource<'_>, payload: &serde_json::Value) -> serde_json::Value {
+pub fn scheduled_event(
+    src: &ScheduledEventSource<'_>,
+    payload: &serde_json::Value,
+) -> serde_json::Value {
     serde_json::json!({
         "version": "0",
         "id": src.id,
@@ -471,9 +485,18 @@ mod tests {
             ("schedule = \"* * *\"", "cron[1].schedule"),
             ("schedule = \"61 * * * *\"", "cron[1].schedule"),
             ("schedule = \"0 0 30 2 *\"", "cron[1].schedule"),
-            ("schedule = \"@hourly\"\ntimezone = \"Mars/Phobos\"", "cron[1].timezone"),
-            ("schedule = \"@hourly\"\novelap = \"skip\"", "cron[1].ovelap"),
-            ("schedule = \"@hourly\"\noverlap = \"queue\"", "cron[1].overlap"),
+            (
+                "schedule = \"@hourly\"\ntimezone = \"Mars/Phobos\"",
+                "cron[1].timezone",
+            ),
+            (
+                "schedule = \"@hourly\"\novelap = \"skip\"",
+                "cron[1].ovelap",
+            ),
+            (
+                "schedule = \"@hourly\"\noverlap = \"queue\"",
+                "cron[1].overlap",
+            ),
             ("schedule = \"@hourly\"\nname = \"a b\"", "cron[1].name"),
             ("name = \"x\"", "cron[1].schedule"),
         ] {

@@ -719,7 +719,9 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
                 format!("`{}` is used by another [[cron]]", spec.name),
             ));
         }
-        cron.push(serde_json::to_value(&spec).map_err(|e| err(&format!("cron[{i}]"), e.to_string()))?);
+        cron.push(
+            serde_json::to_value(&spec).map_err(|e| err(&format!("cron[{i}]"), e.to_string()))?,
+        );
     }
 
     Ok(FunctionConfig {
@@ -1037,10 +1039,14 @@ path = "/files/{proxy+}"
         assert_eq!(specs[0].name, "cron-0");
         assert_eq!(specs[1].timezone.as_deref(), Some("Europe/Berlin"));
         assert_eq!(specs[1].payload, serde_json::json!({"k": "v"}));
-        let e = field_err(&base("[[cron]]\nschedule = \"@hourly\"\n[[cron]]\nschedule = \"* * *\""));
+        let e = field_err(&base(
+            "[[cron]]\nschedule = \"@hourly\"\n[[cron]]\nschedule = \"* * *\"",
+        ));
         assert_eq!(e.field, "cron[1].schedule");
         assert!(e.to_string().contains("field `cron[1].schedule`"), "{e}");
-        let e = field_err(&base("[[cron]]\nname = \"a\"\nschedule = \"@hourly\"\n[[cron]]\nname = \"a\"\nschedule = \"@daily\""));
+        let e = field_err(&base(
+            "[[cron]]\nname = \"a\"\nschedule = \"@hourly\"\n[[cron]]\nname = \"a\"\nschedule = \"@daily\"",
+        ));
         assert_eq!(e.field, "cron[1].name");
     }
 

@@ -119,7 +119,10 @@ async fn attempt(
     .increment(1);
     // The row stays `running` if this never lands; the next start-up requeues it.
     for n in 0..3u32 {
-        match log.finish_invocation(&row.id, finish.clone(), now_ms()).await {
+        match log
+            .finish_invocation(&row.id, finish.clone(), now_ms())
+            .await
+        {
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(request_id = %row.id, error = %e, try_ = n, "record invocation outcome");
@@ -164,7 +167,15 @@ async fn decide(
             InvokeStatus::Success(bytes) => {
                 let result = serde_json::from_slice::<Value>(bytes).unwrap_or(Value::Null);
                 let dest = row.on_success.as_ref().map(|topic| {
-                    let rec = record(cfg, row, SUCCESS, Some(o.version), None, result.clone(), now);
+                    let rec = record(
+                        cfg,
+                        row,
+                        SUCCESS,
+                        Some(o.version),
+                        None,
+                        result.clone(),
+                        now,
+                    );
                     (topic.clone(), cloud_event(row, "success", rec, now))
                 });
                 let kept = (bytes.len() <= cfg.max_result_bytes).then(|| bytes.to_vec());
@@ -275,7 +286,15 @@ fn destination(
     now: i64,
 ) -> Option<(String, NewEvent)> {
     let topic = row.on_failure.as_ref()?;
-    let rec = record(cfg, row, condition, version, Some("Unhandled"), response, now);
+    let rec = record(
+        cfg,
+        row,
+        condition,
+        version,
+        Some("Unhandled"),
+        response,
+        now,
+    );
     Some((topic.clone(), cloud_event(row, "failure", rec, now)))
 }
 
@@ -434,7 +453,10 @@ mod tests {
         let _ = stop_tx.send(true);
         let _ = task.await;
         assert_eq!(row.state, InvocationState::Failed);
-        assert_eq!(row.attempts, 3, "1 + 2 retries; the throttle was given back");
+        assert_eq!(
+            row.attempts, 3,
+            "1 + 2 retries; the throttle was given back"
+        );
         assert_eq!(row.throttles, 1);
         assert_eq!(invoker.0.load(Ordering::SeqCst), 4);
         let events = log.read_events("dlq", 0, 10).expect("events");

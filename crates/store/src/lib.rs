@@ -409,7 +409,12 @@ impl Store {
         for f in self.list_functions()? {
             let Some(live) = f.live_version else { continue };
             if let Some(v) = self.get_version(&f.name, live)? {
-                out.extend(v.config.cron_specs().into_iter().map(|c| (f.name.clone(), c)));
+                out.extend(
+                    v.config
+                        .cron_specs()
+                        .into_iter()
+                        .map(|c| (f.name.clone(), c)),
+                );
             }
         }
         Ok(out)

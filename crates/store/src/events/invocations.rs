@@ -127,8 +127,8 @@ fn row(r: &Row<'_>) -> rusqlite::Result<InvocationRow> {
 
 /// Inserts a queued invocation inside a write job (an API enqueue or a cron fire).
 pub(crate) fn enqueue_tx(tx: &Transaction<'_>, inv: &NewInvocation, now_ms: i64) -> Result<()> {
-    let target = serde_json::to_string(&inv.target)
-        .map_err(|e| Error::Invalid(format!("target: {e}")))?;
+    let target =
+        serde_json::to_string(&inv.target).map_err(|e| Error::Invalid(format!("target: {e}")))?;
     let n = tx.execute(
         "INSERT OR IGNORE INTO invocations (id, function, target, payload, status, max_attempts,
              max_age_ms, on_success, on_failure, source, created_at_ms, next_at_ms, updated_at_ms)
