@@ -46,6 +46,22 @@ pub struct InvokeArgs {
     /// Invoke the version this alias points at (default `live`).
     #[arg(long)]
     pub alias: Option<String>,
+    /// Queue the invocation and return its request id at once (202); follow it with
+    /// `nimbus invocation get ID`.
+    #[arg(long = "async", conflicts_with = "logs")]
+    pub is_async: bool,
+    /// Retries after a failed async attempt: 0, 1 or 2 (default 2).
+    #[arg(long, requires = "is_async")]
+    pub max_retries: Option<u32>,
+    /// Drop the async invocation if not run within this long (1m..6h, default 6h).
+    #[arg(long, requires = "is_async")]
+    pub max_event_age: Option<String>,
+    /// Topic that receives a destination record when the async invocation succeeds.
+    #[arg(long, requires = "is_async")]
+    pub on_success: Option<String>,
+    /// Topic that receives a destination record when it finally fails or expires.
+    #[arg(long, requires = "is_async")]
+    pub on_failure: Option<String>,
 }
 
 pub struct Api {
@@ -295,11 +311,35 @@ pub fn invoke(g: &Global, args: &InvokeArgs) -> anyhow::Result<ExitCode> {
     if let Some(a) = &args.alias {
         path.push_str(&format!("&alias={}", enc(a)));
     }
-    let resp = api.send(
-        api.req(reqwest::Method::POST, &path)
-            .header("content-type", "application/json")
-            .body(event),
-    )?;
+    let mut req = api
+        .req(reqwest::Method::POST, &path)
+        .header("content-type", "application/json")
+        .body(event);
+    if args.is_async {
+        req = req.header("x-nimbus-invocation-type", "Event");
+        let opts = [
+            (
+                "x-nimbus-max-retries",
+                args.max_retries.map(|n| n.to_string()),
+            ),
+            ("x-nimbus-max-event-age", args.max_event_age.clone()),
+            ("x-nimbus-on-success", args.on_success.clone()),
+            ("x-nimbus-on-failure", args.on_failure.clone()),
+        ];
+        for (name, value) in opts {
+            if let Some(v) = value {
+                req = req.header(name, v);
+            }
+        }
+        let queued: nimbus_core::api::AsyncInvokeResponse = api.json(req)?;
+        if g.output == Output::Json {
+            print_json(&queued)?;
+        } else {
+            println!("{}", queued.request_id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let resp = api.send(req)?;
     let status = resp.status();
     let bytes = resp.bytes().context("read response")?;
     // Failed invocations still answer with the envelope (504, 502 ...); other errors don't.

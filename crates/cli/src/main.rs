@@ -13,7 +13,9 @@
 
 mod build;
 mod client;
+mod cron;
 mod init;
+mod invocation;
 mod jwks;
 mod keys;
 mod listen;
@@ -143,6 +145,16 @@ enum Command {
         #[command(subcommand)]
         cmd: subscribe::SubscriptionCmd,
     },
+    /// Show an invocation: an async one's state, attempts, error and result.
+    Invocation {
+        #[command(subcommand)]
+        cmd: invocation::InvocationCmd,
+    },
+    /// List cron triggers and their next fire times, or fire one now.
+    Cron {
+        #[command(subcommand)]
+        cmd: cron::CronCmd,
+    },
     #[command(name = "__sandbox-init", hide = true)]
     SandboxInit,
 }
@@ -224,6 +236,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Publish(args) => topic::publish(&g, &args),
         Command::Subscribe(args) => subscribe::subscribe(&g, &args),
         Command::Subscription { cmd } => subscribe::run(&g, cmd),
+        Command::Invocation { cmd } => invocation::run(&g, cmd),
+        Command::Cron { cmd } => cron::run(&g, cmd),
         Command::SandboxInit => anyhow::bail!("__sandbox-init is internal"),
     }
 }

@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// First retry delay of a failed event delivery (doubles per attempt, jittered).
     #[arg(long, env = "NIMBUS_EVENT_RETRY_BASE", default_value = "1s", value_parser = nimbus_core::duration::parse_duration)]
     pub event_retry_base: std::time::Duration,
+    /// First retry delay of a failed async invocation (doubles per attempt, with
+    /// jitter, capped at 1m). Lambda waits 1m then 2m; the shorter default keeps
+    /// retries usable in development.
+    #[arg(long, env = "NIMBUS_ASYNC_RETRY_BASE", default_value = "1s", value_parser = nimbus_core::duration::parse_duration)]
+    pub async_retry_base: std::time::Duration,
     #[command(flatten)]
     pub metering: crate::meter::MeteringArgs,
     #[command(flatten)]
@@ -158,11 +163,12 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let host = Arc::new(host);
 
     let interpreters = resolve_interpreters(&args.interpreters)?;
+    let region = std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into());
     let worker = nimbus_worker::Worker::new(
         nimbus_worker::WorkerConfig {
             runtime_dir: data_dir.join("runtimes"),
             interpreters,
-            region: std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into()),
+            region: region.clone(),
             log_limit: nimbus_worker::DEFAULT_LOG_LIMIT,
             queue_timeout: Duration::from_secs(2),
             init_timeout: Duration::from_secs(10),
@@ -197,6 +203,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         max_payload: nimbus_core::MAX_PAYLOAD_BYTES,
         metering: Arc::clone(&recorder),
         applied: vec![routes_gen, keys_gen],
+        region: region.clone(),
     }));
     // After the worker (it invokes) and the event log (it reads and settles).
     let broker = nimbus_broker::Broker::spawn(
@@ -311,12 +318,24 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         });
     }
 
-    // One signal stops both listeners.
+    // One signal stops both listeners and the scheduler.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    // After the worker, so the first claimed invocation has somewhere to run.
+    let (dispatcher, cron_loop) = nimbus_scheduler::spawn(
+        nimbus_scheduler::SchedulerConfig {
+            retry_base: args.async_retry_base,
+            region: region.clone(),
+            ..nimbus_scheduler::SchedulerConfig::default()
+        },
+        Arc::clone(&store),
+        Arc::clone(&events),
+        Arc::clone(&invoker),
+        stop_rx.clone(),
+    );
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
@@ -374,6 +393,16 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         // Their outcomes are not recorded: delivered again after the restart.
         tracing::warn!("drain timeout: event deliveries still in flight");
     }
+    // In-flight async invocations finish within the drain; one cut off stays
+    // `running` and is requeued at the next start (at-least-once).
+    cron_loop.abort();
+    if tokio::time::timeout(args.limits.drain_timeout, dispatcher)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout: async invocations left running are requeued at start-up");
+    }
+
     tracing::info!("draining done; stopping instances");
     worker.shutdown().await;
     housekeeping.abort();

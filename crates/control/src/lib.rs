@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod invocations;
 mod keys;
 mod metering;
 mod routes;
@@ -61,6 +62,8 @@ pub struct ControlState {
     /// with. A change is acknowledged only once they reflect it, so a route works and
     /// a revoked key is refused the moment the CLI says so.
     pub applied: Vec<tokio::sync::watch::Receiver<u64>>,
+    /// Region named in Scheduled Events of manual cron fires.
+    pub region: String,
 }
 
 pub fn token_digest(token: &str) -> [u8; 32] {
@@ -105,7 +108,12 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/usage", get(metering::usage))
         .route("/v1/usage/recommendations", get(metering::recommendations))
         .route("/v1/functions/{name}/logs", get(metering::logs))
-        .route("/v1/invocations/{request_id}", get(metering::invocation))
+        .route("/v1/invocations/{request_id}", get(invocations::get))
+        .route("/v1/cron", get(invocations::list_cron))
+        .route(
+            "/v1/cron/{function}/{name}/trigger",
+            post(invocations::trigger_cron),
+        )
         .route("/v1/{*rest}", axum::routing::any(unknown_path))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), settle))
         .layer(middleware::from_fn_with_state(
@@ -236,7 +244,8 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
                 candidates.join(" or ")
             )));
         }
-        let warnings = warnings_for(&config);
+        // Every manifest section is acted on now; the field stays for future notices.
+        let warnings: Vec<String> = Vec::new();
         // Topics are checked before the version is stored, so a manifest naming a
         // missing topic is refused with nothing changed.
         subscriptions::check_manifest(&st2.events, &config)?;
@@ -268,14 +277,6 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         StatusCode::OK
     };
     Ok((status, Json(resp)).into_response())
-}
-
-fn warnings_for(c: &nimbus_core::FunctionConfig) -> Vec<String> {
-    let mut w = Vec::new();
-    if !c.cron.is_empty() {
-        w.push("[[cron]] triggers are stored but not yet scheduled by this build".into());
-    }
-    w
 }
 
 async fn list_functions(
@@ -503,9 +504,11 @@ async fn invoke(
     State(st): State<Arc<ControlState>>,
     Path(name): Path<String>,
     query: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let is_async = invocations::is_async(&headers)?;
     let target = match (q.version, q.alias) {
         (Some(_), Some(_)) => {
             return Err(ApiError::BadRequest(
@@ -516,7 +519,12 @@ async fn invoke(
         (None, Some(a)) => Target::Alias(a),
         (None, None) => Target::default(),
     };
-    let payload = read_body(body, st.max_payload).await?;
+    let limit = if is_async {
+        invocations::MAX_ASYNC_PAYLOAD.min(st.max_payload)
+    } else {
+        st.max_payload
+    };
+    let payload = read_body(body, limit).await?;
     let payload = if payload.iter().all(u8::is_ascii_whitespace) {
         bytes::Bytes::from_static(b"null")
     } else {
@@ -527,6 +535,9 @@ async fn invoke(
         }
         payload
     };
+    if is_async {
+        return invocations::invoke_async(st, name, target, &headers, payload).await;
+    }
     let outcome = st
         .invoker
         .invoke(InvokeRequest {

@@ -9,7 +9,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use nimbus_core::InvocationRecord;
 use nimbus_store::Store;
 use nimbus_store::metering::{
     Bucket, LogPage, LogQuery, Recommendation, Recorder, UsageQuery, UsageRow,
@@ -204,20 +203,6 @@ pub(crate) async fn logs(
         })
         .map(Json)
         .map_err(store_err)
-    })
-    .await
-}
-
-pub(crate) async fn invocation(
-    State(st): State<Arc<ControlState>>,
-    Path(request_id): Path<String>,
-) -> Result<Json<InvocationRecord>, ApiError> {
-    let rec = Arc::clone(&st.metering);
-    blocking(move || {
-        rec.invocation(&request_id)
-            .map_err(store_err)?
-            .map(Json)
-            .ok_or_else(|| ApiError::NotFound(format!("invocation `{request_id}` not found")))
     })
     .await
 }

@@ -349,3 +349,76 @@ pub struct ResetSubscriptionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<i64>,
 }
+
+/// `202` answer of an async invoke: the invocation is durable and queued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AsyncInvokeResponse {
+    pub request_id: String,
+    pub function: String,
+    pub status: String,
+}
+
+/// `GET /v1/invocations/{id}` for an async invocation: its queue state, plus the
+/// metering record of its last attempt once there is one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AsyncInvocationInfo {
+    pub request_id: String,
+    pub function: String,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub status: String,
+    /// `api` or `cron`.
+    pub source: String,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_success: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<crate::InvocationRecord>,
+}
+
+/// One fire of a cron, as `nimbus cron ls` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CronFireInfo {
+    pub scheduled_ms: i64,
+    pub scheduled_at: String,
+    /// `scheduled`, `catch_up`, `manual` or `skipped`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invocation_id: Option<String>,
+}
+
+/// `GET /v1/cron`: one cron trigger of a deployed function.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CronInfo {
+    pub function: String,
+    pub name: String,
+    pub schedule: String,
+    pub timezone: String,
+    pub catch_up: bool,
+    pub overlap: String,
+    /// The next three fire times (RFC 3339, UTC).
+    pub next: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fire: Option<CronFireInfo>,
+    /// Recent fires, newest first.
+    #[serde(default)]
+    pub fires: Vec<CronFireInfo>,
+}
+
+/// `POST /v1/cron/{function}/{name}/trigger`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CronTriggerResponse {
+    pub function: String,
+    pub name: String,
+    pub request_id: String,
+}

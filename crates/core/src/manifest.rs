@@ -165,14 +165,25 @@ pub struct FunctionConfig {
     pub network: Network,
     pub env: BTreeMap<String, String>,
     pub routes: Vec<RouteSpec>,
-    /// Kept verbatim until the scheduler and broker own their schemas.
+    /// Validated [`CronSpec`](crate::cron::CronSpec)s as JSON (see [`Self::cron_specs`]);
+    /// kept as values so versions stored before cron was validated still decode.
     #[serde(default)]
     pub cron: Vec<serde_json::Value>,
+    /// Kept verbatim until the broker owns its schema.
     #[serde(default)]
     pub events: Vec<serde_json::Value>,
 }
 
 impl FunctionConfig {
+    /// The cron triggers. Entries that do not decode (stored by a build that kept
+    /// `[[cron]]` raw) are left out rather than failing the whole function.
+    pub fn cron_specs(&self) -> Vec<crate::cron::CronSpec> {
+        self.cron
+            .iter()
+            .filter_map(|v| serde_json::from_value(v.clone()).ok())
+            .collect()
+    }
+
     /// The file the handler lives in, relative to the function folder, for the checks at
     /// deploy that the handler exists.
     pub fn handler_candidates(&self) -> Vec<String> {
@@ -702,6 +713,20 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
     // Checked here so a bad filter or bound fails the deploy with its field named;
     // stored raw and re-read by the control API when it installs them.
     crate::subscription::from_manifest(&name, &events).map_err(|(f, m)| err(&f, m))?;
+    let mut cron = Vec::with_capacity(raw.cron.len());
+    let mut cron_names = std::collections::BTreeSet::new();
+    for (i, v) in raw.cron.iter().enumerate() {
+        let spec = crate::cron::CronSpec::from_toml(i, v).map_err(|(f, m)| err(&f, m))?;
+        if !cron_names.insert(spec.name.clone()) {
+            return Err(err(
+                &format!("cron[{i}].name"),
+                format!("`{}` is used by another [[cron]]", spec.name),
+            ));
+        }
+        cron.push(
+            serde_json::to_value(&spec).map_err(|e| err(&format!("cron[{i}]"), e.to_string()))?,
+        );
+    }
 
     Ok(FunctionConfig {
         name,
@@ -715,7 +740,7 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         network,
         env,
         routes,
-        cron: to_json("cron", raw.cron)?,
+        cron,
         events,
     })
 }
@@ -1004,6 +1029,29 @@ path = "/files/{proxy+}"
         assert_eq!(field_err(&base("[env]\n\"A-B\" = \"x\"")).field, "env.A-B");
         let big = format!("[env]\nBIG = \"{}\"", "x".repeat(5000));
         assert_eq!(field_err(&base(&big)).field, "env");
+    }
+
+    #[test]
+    fn cron_tables_are_validated_and_stored_as_specs() {
+        let c = parse_manifest(
+            "x",
+            &base("[[cron]]\nschedule = \"*/5 * * * *\"\n[[cron]]\nname = \"n\"\nschedule = \"@every 30s\"\ntimezone = \"Europe/Berlin\"\npayload = { k = \"v\" }"),
+        )
+        .expect("valid");
+        let specs = c.cron_specs();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].name, "cron-0");
+        assert_eq!(specs[1].timezone.as_deref(), Some("Europe/Berlin"));
+        assert_eq!(specs[1].payload, serde_json::json!({"k": "v"}));
+        let e = field_err(&base(
+            "[[cron]]\nschedule = \"@hourly\"\n[[cron]]\nschedule = \"* * *\"",
+        ));
+        assert_eq!(e.field, "cron[1].schedule");
+        assert!(e.to_string().contains("field `cron[1].schedule`"), "{e}");
+        let e = field_err(&base(
+            "[[cron]]\nname = \"a\"\nschedule = \"@hourly\"\n[[cron]]\nname = \"a\"\nschedule = \"@daily\"",
+        ));
+        assert_eq!(e.field, "cron[1].name");
     }
 
     #[test]

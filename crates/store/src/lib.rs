@@ -402,6 +402,24 @@ impl Store {
         self.read(|tx| version_tx(tx, name, version))
     }
 
+    /// The cron triggers of every function's `live` version, as (function, spec):
+    /// what the scheduler runs and `GET /v1/cron` lists.
+    pub fn live_cron_specs(&self) -> Result<Vec<(String, nimbus_core::cron::CronSpec)>> {
+        let mut out = Vec::new();
+        for f in self.list_functions()? {
+            let Some(live) = f.live_version else { continue };
+            if let Some(v) = self.get_version(&f.name, live)? {
+                out.extend(
+                    v.config
+                        .cron_specs()
+                        .into_iter()
+                        .map(|c| (f.name.clone(), c)),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// The version `target` designates, or `None` when the function, alias or version
     /// does not exist.
     pub fn resolve(&self, name: &str, target: &Target) -> Result<Option<VersionRow>> {

@@ -16,6 +16,8 @@
 //!
 //! Readers use their own connections (WAL readers never block the writer).
 
+mod cron;
+mod invocations;
 mod subscriptions;
 mod topics;
 
@@ -30,6 +32,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{Error, Result};
 
+pub use cron::{CronFire, FireKind, FireOutcome};
+pub use invocations::{Finish, InvocationRow, InvocationState, NewInvocation};
 pub use subscriptions::{
     DeliveryState, Settled, SubscriptionRow, SubscriptionSource, Update, settled_prefix,
 };
@@ -110,6 +114,46 @@ const MIGRATIONS: &[&str] = &[
         next_at_ms       INTEGER NOT NULL,
         last_error       TEXT,
         PRIMARY KEY (subscription, offset)
+    ) STRICT, WITHOUT ROWID;
+    "#,
+    // 3: the async invocation queue and cron fire records. A fire's primary key
+    // (function, name, scheduled_ms) is what keeps one scheduled time from ever
+    // enqueuing twice, across crashes included.
+    r#"
+    CREATE TABLE invocations (
+        id             TEXT PRIMARY KEY NOT NULL,
+        function       TEXT NOT NULL,
+        target         TEXT NOT NULL,
+        payload        BLOB NOT NULL,
+        status         TEXT NOT NULL,
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        throttles      INTEGER NOT NULL DEFAULT 0,
+        max_attempts   INTEGER NOT NULL,
+        max_age_ms     INTEGER NOT NULL,
+        on_success     TEXT,
+        on_failure     TEXT,
+        source         TEXT NOT NULL,
+        created_at_ms  INTEGER NOT NULL,
+        next_at_ms     INTEGER NOT NULL,
+        updated_at_ms  INTEGER NOT NULL,
+        result         BLOB,
+        error          TEXT
+    ) STRICT;
+    CREATE INDEX invocations_due ON invocations (status, next_at_ms);
+    CREATE TABLE cron_state (
+        function           TEXT NOT NULL,
+        name               TEXT NOT NULL,
+        last_scheduled_ms  INTEGER NOT NULL,
+        PRIMARY KEY (function, name)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE cron_fires (
+        function       TEXT NOT NULL,
+        name           TEXT NOT NULL,
+        scheduled_ms   INTEGER NOT NULL,
+        kind           TEXT NOT NULL,
+        invocation_id  TEXT,
+        fired_at_ms    INTEGER NOT NULL,
+        PRIMARY KEY (function, name, scheduled_ms)
     ) STRICT, WITHOUT ROWID;
     "#,
 ];

@@ -299,7 +299,9 @@ impl EventLog {
     }
 }
 
-pub(super) fn append_tx(
+/// Appends inside a write job, so another table's change and the events it produces
+/// commit together (a finished invocation and its destination record).
+pub(crate) fn append_tx(
     tx: &Transaction<'_>,
     topic: &str,
     events: &[NewEvent],
