@@ -195,10 +195,11 @@ impl EventLog {
         // Checkpoints move to their own thread: run by the writer at commit (SQLite's
         // default), each one would copy megabytes into the database file and fsync it
         // while producers wait for their acks. Durability does not change: a commit is
-        // durable once the WAL is fsynced. A large page cache keeps the indexes'
-        // upper levels in memory as the topic grows.
+        // durable once the WAL is fsynced. An 8 MiB page cache keeps the indexes'
+        // upper levels in memory as the topic grows (64 MiB bought nothing more and
+        // showed as 100 MiB of server RSS after a benchmark).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        conn.pragma_update(None, "cache_size", -65_536)?;
+        conn.pragma_update(None, "cache_size", -8_192)?;
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         let checkpointer = crate::open_configured(path)?;
         let mut readers = Vec::with_capacity(READERS);

@@ -594,8 +594,12 @@ mod tests {
         });
     }
 
-    #[test]
-    fn concurrent_appends_share_commits_and_all_land() {
+    /// A fresh log with topic `t`, and a two-thread runtime for concurrent writers.
+    fn topic_t() -> (
+        tempfile::TempDir,
+        std::sync::Arc<EventLog>,
+        tokio::runtime::Runtime,
+    ) {
         let dir = tempfile::tempdir().expect("tmp");
         let log = EventLog::open(&dir.path().join("events.db")).expect("open");
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -603,10 +607,16 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
+        runtime
+            .block_on(log.create_topic("t", TopicSettings::default(), 0))
+            .expect("create");
+        (dir, log, runtime)
+    }
+
+    #[test]
+    fn concurrent_appends_share_commits_and_all_land() {
+        let (_dir, log, runtime) = topic_t();
         runtime.block_on(async {
-            log.create_topic("t", TopicSettings::default(), 0)
-                .await
-                .expect("create");
             let mut tasks = Vec::new();
             for p in 0..8 {
                 let log = std::sync::Arc::clone(&log);
@@ -628,17 +638,8 @@ mod tests {
 
     #[test]
     fn a_failing_job_rolls_back_alone() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let log = EventLog::open(&dir.path().join("events.db")).expect("open");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let (_dir, log, runtime) = topic_t();
         runtime.block_on(async {
-            log.create_topic("t", TopicSettings::default(), 0)
-                .await
-                .expect("create");
             let mut tasks = Vec::new();
             for i in 0..40 {
                 let log = std::sync::Arc::clone(&log);
