@@ -139,10 +139,10 @@ struct Running {
     stop: watch::Sender<bool>,
 }
 
-/// Keeps one task per subscription in step with the table: reloaded after every
-/// commit of the log (subscribe, deploy, reset and delete all commit there).
+/// Keeps one task per subscription in step with the table: reloaded whenever a
+/// commit changed it (subscribe, deploy, reset, delete), not on every publish.
 async fn supervise(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
-    let mut changes = ctx.log.changes();
+    let mut changes = ctx.log.subscription_changes();
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);

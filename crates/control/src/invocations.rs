@@ -15,16 +15,17 @@ use axum::response::{IntoResponse, Response};
 use nimbus_core::api::{
     AsyncInvocationInfo, AsyncInvokeResponse, CronFireInfo, CronInfo, CronTriggerResponse,
 };
-use nimbus_core::cron::{CronSpec, ScheduledEventSource, rfc3339};
+use nimbus_core::cron::{CronSpec, rfc3339};
 use nimbus_core::{Target, now_ms};
-use nimbus_store::events::{CronFire, FireKind, FireOutcome, InvocationRow, NewInvocation};
+use nimbus_store::events::{
+    CronFire, DEFAULT_MAX_RETRIES, FireKind, FireOutcome, InvocationRow, MAX_EVENT_AGE_MS,
+    NewInvocation, cron_invocation,
+};
 
 use crate::{ApiError, ControlState, blocking, require_function};
 
 /// Largest async event (Lambda's 1 MB for asynchronous invocations).
 pub const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
-const DEFAULT_MAX_RETRIES: u32 = 2;
-const MAX_EVENT_AGE_MS: i64 = 6 * 3_600_000;
 const MIN_EVENT_AGE_MS: i64 = 60_000;
 const ACCOUNT: &str = "000000000000";
 
@@ -317,30 +318,8 @@ pub(crate) async fn trigger_cron(
         .map(|(_, s)| s)
         .ok_or_else(|| ApiError::NotFound(format!("function `{function}` has no cron `{name}`")))?;
     let now = now_ms();
-    let id = nimbus_core::new_request_id();
-    let event = nimbus_core::cron::scheduled_event(
-        &ScheduledEventSource {
-            id: &id,
-            function: &function,
-            name: &name,
-            scheduled_ms: now,
-            account: ACCOUNT,
-            region: &st.region,
-        },
-        &spec.payload,
-    );
-    let inv = NewInvocation {
-        id: id.clone(),
-        function: function.clone(),
-        target: Target::default(),
-        payload: serde_json::to_vec(&event)
-            .map_err(|e| ApiError::Internal(format!("encode scheduled event: {e}")))?,
-        max_attempts: 1 + DEFAULT_MAX_RETRIES,
-        max_age_ms: MAX_EVENT_AGE_MS,
-        on_success: None,
-        on_failure: None,
-        source: format!("cron:{function}/{name}"),
-    };
+    let inv = cron_invocation(&function, &spec, now, &st.region, ACCOUNT);
+    let id = inv.id.clone();
     // A manual fire is the operator asking: it runs even while a scheduled one does.
     let outcome = st
         .events

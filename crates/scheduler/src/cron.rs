@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nimbus_core::cron::{CatchUp, CronSpec, Overlap, Schedule, ScheduledEventSource};
-use nimbus_core::{Target, now_ms};
+use nimbus_core::cron::{CatchUp, CronSpec, Overlap, Schedule};
+use nimbus_core::now_ms;
 use nimbus_store::Store;
-use nimbus_store::events::{EventLog, FireKind, FireOutcome, NewInvocation};
+use nimbus_store::events::{EventLog, FireKind, FireOutcome, cron_invocation};
 use tokio::sync::watch;
 
-use crate::{DEFAULT_MAX_RETRIES, MAX_EVENT_AGE_MS, SchedulerConfig};
+use crate::SchedulerConfig;
 
 /// Longest sleep without looking at the clock again (clock jumps, reload retries).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
@@ -147,39 +147,6 @@ async fn load(
     Ok(out)
 }
 
-/// The invocation a cron fire queues: a Scheduled Event for the `live` alias.
-pub fn fire_invocation(
-    function: &str,
-    spec: &CronSpec,
-    scheduled_ms: i64,
-    region: &str,
-    account: &str,
-) -> NewInvocation {
-    let id = nimbus_core::new_request_id();
-    let event = nimbus_core::cron::scheduled_event(
-        &ScheduledEventSource {
-            id: &id,
-            function,
-            name: &spec.name,
-            scheduled_ms,
-            account,
-            region,
-        },
-        &spec.payload,
-    );
-    NewInvocation {
-        id,
-        function: function.to_string(),
-        target: Target::default(),
-        payload: serde_json::to_vec(&event).unwrap_or_default(),
-        max_attempts: 1 + DEFAULT_MAX_RETRIES,
-        max_age_ms: MAX_EVENT_AGE_MS,
-        on_success: None,
-        on_failure: None,
-        source: format!("cron:{function}/{}", spec.name),
-    }
-}
-
 async fn fire(
     cfg: &SchedulerConfig,
     log: &EventLog,
@@ -188,7 +155,7 @@ async fn fire(
     kind: FireKind,
     scheduled_ms: i64,
 ) {
-    let inv = fire_invocation(function, spec, scheduled_ms, &cfg.region, &cfg.account);
+    let inv = cron_invocation(function, spec, scheduled_ms, &cfg.region, &cfg.account);
     let id = inv.id.clone();
     let skip_if_running = spec.overlap == Overlap::Skip;
     match log

@@ -39,9 +39,7 @@ use nimbus_store::events::EventLog;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Lambda's defaults: 2 retries, 6 h max event age (also the maximum).
-pub const DEFAULT_MAX_RETRIES: u32 = 2;
-pub const MAX_EVENT_AGE_MS: i64 = 6 * 3_600_000;
+pub use nimbus_store::events::{DEFAULT_MAX_RETRIES, MAX_EVENT_AGE_MS};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {

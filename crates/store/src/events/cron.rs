@@ -6,8 +6,45 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::EventLog;
-use super::invocations::{NewInvocation, cron_running_tx, enqueue_tx};
+use super::invocations::{
+    DEFAULT_MAX_RETRIES, MAX_EVENT_AGE_MS, NewInvocation, cron_running_tx, enqueue_tx,
+};
 use crate::Result;
+
+/// The invocation a cron fire queues (scheduled, caught up or by hand): a Scheduled
+/// Event with the spec's payload, for the `live` alias, with the async defaults.
+pub fn cron_invocation(
+    function: &str,
+    spec: &nimbus_core::cron::CronSpec,
+    scheduled_ms: i64,
+    region: &str,
+    account: &str,
+) -> NewInvocation {
+    let id = nimbus_core::new_request_id();
+    let event = nimbus_core::cron::scheduled_event(
+        &nimbus_core::cron::ScheduledEventSource {
+            id: &id,
+            function,
+            name: &spec.name,
+            scheduled_ms,
+            account,
+            region,
+        },
+        &spec.payload,
+    );
+    NewInvocation {
+        id,
+        function: function.to_string(),
+        target: nimbus_core::Target::default(),
+        // A JSON value always serializes.
+        payload: serde_json::to_vec(&event).unwrap_or_default(),
+        max_attempts: 1 + DEFAULT_MAX_RETRIES,
+        max_age_ms: MAX_EVENT_AGE_MS,
+        on_success: None,
+        on_failure: None,
+        source: format!("cron:{function}/{}", spec.name),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FireKind {

@@ -39,6 +39,11 @@ impl InvocationState {
     }
 }
 
+/// Lambda's defaults for async invocations: 2 retries, 6 h max event age (also the
+/// maximum). One place, for the API that queues them and the scheduler's cron fires.
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+pub const MAX_EVENT_AGE_MS: i64 = 6 * 3_600_000;
+
 /// An invocation to queue.
 #[derive(Debug, Clone)]
 pub struct NewInvocation {

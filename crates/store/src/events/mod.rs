@@ -32,8 +32,10 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{Error, Result};
 
-pub use cron::{CronFire, FireKind, FireOutcome};
-pub use invocations::{Finish, InvocationRow, InvocationState, NewInvocation};
+pub use cron::{CronFire, FireKind, FireOutcome, cron_invocation};
+pub use invocations::{
+    DEFAULT_MAX_RETRIES, Finish, InvocationRow, InvocationState, MAX_EVENT_AGE_MS, NewInvocation,
+};
 pub use subscriptions::{
     DeliveryState, Settled, SubscriptionRow, SubscriptionSource, Update, settled_prefix,
 };
@@ -165,6 +167,8 @@ pub struct EventLog {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
     changes: watch::Sender<u64>,
+    /// Bumped only after a commit that changed the subscriptions table.
+    subscription_changes: watch::Sender<u64>,
     stats: Arc<Counters>,
 }
 
@@ -214,6 +218,7 @@ impl EventLog {
             writer: Mutex::new(None),
             readers: Mutex::new(readers),
             changes,
+            subscription_changes: watch::channel(0u64).0,
             stats: Arc::default(),
         });
         let notify = log.changes.clone();
@@ -286,6 +291,25 @@ impl EventLog {
             jobs: self.stats.jobs.load(Relaxed),
             failed_commits: self.stats.failed_commits.load(Relaxed),
         }
+    }
+
+    /// A counter bumped after a commit that added, changed, reset or removed a
+    /// subscription: what the broker reloads on (every commit would mean a table read
+    /// per publish).
+    pub fn subscription_changes(&self) -> watch::Receiver<u64> {
+        self.subscription_changes.subscribe()
+    }
+
+    /// [`EventLog::write`] for jobs that change subscriptions.
+    pub(crate) async fn write_subscriptions<T, F>(&self, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        let out = self.write(job).await?;
+        self.subscription_changes
+            .send_modify(|n| *n = n.wrapping_add(1));
+        Ok(out)
     }
 
     /// A counter bumped after every commit: wake-ups for deliverers and dispatchers.

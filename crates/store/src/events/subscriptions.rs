@@ -224,7 +224,7 @@ impl EventLog {
         source: SubscriptionSource,
         now_ms: i64,
     ) -> Result<SubscriptionRow> {
-        self.write(move |tx| {
+        self.write_subscriptions(move |tx| {
             if get_tx(tx, &spec.name)?.is_some() {
                 return Err(Error::Conflict(format!(
                     "subscription `{}` already exists",
@@ -248,7 +248,7 @@ impl EventLog {
         now_ms: i64,
     ) -> Result<Vec<SubscriptionRow>> {
         let function = function.to_string();
-        self.write(move |tx| {
+        self.write_subscriptions(move |tx| {
             let existing: Vec<String> = {
                 let mut stmt = tx.prepare(
                     "SELECT name FROM subscriptions WHERE function = ?1 AND source = 'manifest'",
@@ -300,7 +300,7 @@ impl EventLog {
 
     pub async fn delete_subscription(&self, name: &str) -> Result<SubscriptionRow> {
         let name = name.to_string();
-        self.write(move |tx| {
+        self.write_subscriptions(move |tx| {
             let row = get_tx(tx, &name)?.ok_or_else(|| not_found(&name))?;
             delete_tx(tx, &name)?;
             Ok(row)
@@ -311,7 +311,7 @@ impl EventLog {
     /// Every subscription delivering to `function` (its function is gone).
     pub async fn delete_function_subscriptions(&self, function: &str) -> Result<usize> {
         let function = function.to_string();
-        self.write(move |tx| {
+        self.write_subscriptions(move |tx| {
             tx.execute(
                 "DELETE FROM delivery_state WHERE subscription IN
                    (SELECT name FROM subscriptions WHERE function = ?1)",
@@ -326,7 +326,7 @@ impl EventLog {
     /// every outcome: from there on, everything is delivered again.
     pub async fn reset_subscription(&self, name: &str, offset: i64) -> Result<SubscriptionRow> {
         let name = name.to_string();
-        self.write(move |tx| {
+        self.write_subscriptions(move |tx| {
             let row = get_tx(tx, &name)?.ok_or_else(|| not_found(&name))?;
             let t = topic_tx(tx, &row.spec.topic)?;
             let to = offset.clamp(0, t.next_offset);

@@ -198,7 +198,7 @@ impl EventLog {
     /// Removes a topic and its events.
     pub async fn delete_topic(&self, name: &str) -> Result<TopicInfo> {
         let name = name.to_string();
-        self.write(move |tx| {
+        self.write_subscriptions(move |tx| {
             let t = topic_tx(tx, &name)?;
             tx.execute("DELETE FROM events WHERE topic = ?1", [&name])?;
             super::subscriptions::delete_topic_subscriptions(tx, &name)?;
