@@ -194,6 +194,27 @@ fn topics_and_publishing_over_the_cli_and_http() {
         let v: Value = r.json().expect("error body");
         assert!(v["error"]["message"].is_string(), "{v}");
     }
+    // Oversized: one event over 1 MiB is refused (400), a request over 16 MiB before
+    // it is read (413); neither stores anything.
+    let mut big = event("big");
+    big["data"] = json!("x".repeat(1024 * 1024 + 1));
+    let r = publish_http(
+        &s,
+        "orders",
+        "application/cloudevents+json",
+        big.to_string(),
+        admin,
+    );
+    assert_eq!(r.status(), 400);
+    let huge = format!("[{}]", "x".repeat(16 * 1024 * 1024 + 1));
+    let r = publish_http(
+        &s,
+        "orders",
+        "application/cloudevents-batch+json",
+        huge,
+        admin,
+    );
+    assert_eq!(r.status(), 413);
     let r = publish_http(
         &s,
         "nope",
