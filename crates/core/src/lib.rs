@@ -18,6 +18,7 @@ pub mod filter;
 pub mod invoke;
 pub mod keys;
 pub mod manifest;
+pub mod outbound;
 pub mod retry;
 pub mod route_options;
 pub mod routes;
@@ -28,7 +29,7 @@ pub use invoke::{
     InvokeStatus, Invoker, RecordSink, Target, Trigger,
 };
 pub use manifest::{
-    AuthKind, Concurrency, FunctionConfig, ManifestError, Network, RouteSpec, Runtime,
+    AuthKind, Concurrency, FunctionConfig, ManifestError, Network, RouteSpec, Runtime, WasmOptions,
 };
 
 /// Largest request or response payload a synchronous invocation accepts (Lambda's 6 MB).

@@ -172,6 +172,24 @@ pub struct FunctionConfig {
     /// Kept verbatim until the broker owns its schema.
     #[serde(default)]
     pub events: Vec<serde_json::Value>,
+    /// Capabilities of a `wasm` function (empty for the others).
+    #[serde(default)]
+    pub wasm: WasmOptions,
+}
+
+/// What a WebAssembly function may do beyond computing: everything is denied unless
+/// listed here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WasmOptions {
+    /// `allowed_outbound_hosts`: the only URLs outgoing `wasi:http` requests may reach.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<crate::outbound::OutboundRule>,
+    /// `[wasm] files = true`: the function folder, read-only, at `/var/task`.
+    #[serde(default)]
+    pub files: bool,
+    /// `[wasm] fuel = N`: instructions (roughly) one invocation may run.
+    #[serde(default)]
+    pub fuel: Option<u64>,
 }
 
 impl FunctionConfig {
@@ -226,6 +244,15 @@ struct RawManifest {
     cron: Vec<toml::Value>,
     #[serde(default)]
     events: Vec<toml::Value>,
+    allowed_outbound_hosts: Option<Vec<String>>,
+    wasm: Option<RawWasm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWasm {
+    files: Option<bool>,
+    fuel: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,13 +374,8 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         )
     })?;
 
-    if runtime == Runtime::Wasm {
-        return Err(err(
-            "runtime",
-            "`wasm` functions are not available yet in this build; allowed: python3, node, exec"
-                .into(),
-        ));
-    }
+    let wasm = parse_wasm_options(runtime, raw.allowed_outbound_hosts, raw.wasm, &raw.network)
+        .map_err(|(field, m)| err(field, m))?;
 
     let handler = raw
         .handler
@@ -742,7 +764,60 @@ pub fn parse_manifest(file: &str, text: &str) -> Result<FunctionConfig, Manifest
         routes,
         cron,
         events,
+        wasm,
     })
+}
+
+/// Size of the largest fuel budget accepted: far beyond any timeout, but it keeps the
+/// arithmetic on the host's counter away from overflow.
+pub const MAX_WASM_FUEL: u64 = 1 << 50;
+
+fn parse_wasm_options(
+    runtime: Runtime,
+    hosts: Option<Vec<String>>,
+    raw: Option<RawWasm>,
+    network: &Option<String>,
+) -> Result<WasmOptions, (&'static str, String)> {
+    if runtime != Runtime::Wasm {
+        if hosts.is_some() {
+            return Err((
+                "allowed_outbound_hosts",
+                "applies only to `runtime = \"wasm\"`; process functions use `network = \"egress\"`"
+                    .into(),
+            ));
+        }
+        if raw.is_some() {
+            return Err(("wasm", "applies only to `runtime = \"wasm\"`".into()));
+        }
+        return Ok(WasmOptions::default());
+    }
+    if network.as_deref().is_some_and(|n| n != "none") {
+        return Err((
+            "network",
+            "a wasm function has no sockets; list the URLs it may call in `allowed_outbound_hosts`"
+                .into(),
+        ));
+    }
+    let mut opts = WasmOptions::default();
+    for text in hosts.unwrap_or_default() {
+        let rule = crate::outbound::OutboundRule::parse(&text)
+            .map_err(|m| ("allowed_outbound_hosts", m))?;
+        opts.allowed_outbound_hosts.push(rule);
+    }
+    if let Some(w) = raw {
+        opts.files = w.files.unwrap_or(false);
+        opts.fuel = match w.fuel {
+            None => None,
+            Some(n) if n > 0 && (n as u64) <= MAX_WASM_FUEL => Some(n as u64),
+            Some(n) => {
+                return Err((
+                    "wasm.fuel",
+                    format!("{n} is outside the allowed range 1..{MAX_WASM_FUEL}"),
+                ));
+            }
+        };
+    }
+    Ok(opts)
 }
 
 fn parse_auth(text: Option<&str>) -> Result<AuthKind, String> {

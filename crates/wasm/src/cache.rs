@@ -1,0 +1,144 @@
+//! Compiled components on disk, named by what they were compiled from.
+//!
+//! A file is `<sha256 of the component>-<engine tag>.cwasm`: the same bytes deployed
+//! twice (or by two functions) compile once, and a wasmtime upgrade or a changed engine
+//! setting (a different tag) compiles afresh instead of loading code it cannot run.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use crate::{Error, file_name};
+
+pub(crate) struct Cache {
+    dir: PathBuf,
+    engine_tag: String,
+}
+
+impl Cache {
+    pub(crate) fn open(dir: &Path, engine: &Engine) -> Result<Cache, Error> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Cache {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut h = ShaHasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut h);
+        let tag = h.0.finalize();
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+            engine_tag: hex(&tag[..8]),
+        })
+    }
+
+    /// The compiled form of `wasm`, compiled now if the cache lacks it.
+    pub(crate) fn compile(
+        &self,
+        engine: &Engine,
+        wasm: &Path,
+    ) -> Result<(PathBuf, Component), Error> {
+        let name = file_name(wasm);
+        let bytes = std::fs::read(wasm)
+            .map_err(|e| Error::Invalid(format!("cannot read `{name}`: {e}")))?;
+        let path = self.dir.join(format!(
+            "{}-{}.cwasm",
+            hex(&Sha256::digest(&bytes)),
+            self.engine_tag
+        ));
+        if let Ok(c) = self.load(engine, &path) {
+            return Ok((path, c));
+        }
+        check_header(&name, &bytes)?;
+        let compiled = engine.precompile_component(&bytes).map_err(|e| {
+            Error::Invalid(format!(
+                "`{name}` is not a valid WebAssembly component: {}",
+                crate::root_cause(&e)
+            ))
+        })?;
+        // Written aside and renamed, so a crash or a concurrent deploy never leaves a
+        // half-written file under the final name.
+        let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|source| Error::Cache {
+            path: self.dir.clone(),
+            source,
+        })?;
+        std::fs::write(tmp.path(), &compiled)
+            .and_then(|()| tmp.persist(&path).map(drop).map_err(|e| e.error))
+            .map_err(|source| Error::Cache {
+                path: path.clone(),
+                source,
+            })?;
+        let component = self.load(engine, &path).map_err(|e| {
+            Error::Engine(format!(
+                "load the component just compiled: {}",
+                crate::root_cause(&e)
+            ))
+        })?;
+        Ok((path, component))
+    }
+
+    pub(crate) fn load(&self, engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+        // SAFETY: `deserialize_file` runs the machine code in the file, so the file must
+        // come from `Engine::precompile_component` of a compatible engine. Every file in
+        // this directory is written only by `compile` above (under a temporary name, then
+        // renamed), from this engine's own output, and the engine tag in the name keeps a
+        // different wasmtime or configuration from picking it up; wasmtime checks the
+        // header and the engine settings again on load. The directory lives under the
+        // operator's data dir: whoever can write there already controls the platform.
+        unsafe { Component::deserialize_file(engine, path) }
+    }
+}
+
+/// Errors users hit most (a text file, a core module) get a message that says what to do.
+fn check_header(name: &str, bytes: &[u8]) -> Result<(), Error> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(Error::Invalid(format!(
+            "`{name}` is not WebAssembly (it does not start with the `\\0asm` header)"
+        )));
+    }
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(Error::Invalid(format!(
+            "`{name}` is a core WebAssembly module, not a component: build it for \
+             wasm32-wasip2 (or wrap it with `wasm-tools component new`) so it exports \
+             wasi:http/incoming-handler"
+        )));
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Feeds `Hash` output into SHA-256, so the engine tag is stable across processes
+/// (std's `DefaultHasher` is seeded per build and not promised stable).
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        let d = self.0.clone().finalize();
+        u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_name_the_mistake() {
+        let e = check_header("a.wasm", b"this is text").expect_err("text");
+        assert!(e.to_string().contains("not WebAssembly"), "{e}");
+        let e = check_header("a.wasm", b"\0asm\x01\0\0\0").expect_err("module");
+        assert!(e.to_string().contains("core WebAssembly module"), "{e}");
+        assert!(check_header("a.wasm", b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}
