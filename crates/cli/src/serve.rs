@@ -52,6 +52,14 @@ pub struct ServeArgs {
     /// API listens. Off by default.
     #[arg(long)]
     pub egress_allow_host_loopback: bool,
+    /// Let wasm functions' outgoing HTTP reach loopback and private addresses (when
+    /// their `allowed_outbound_hosts` lists them). Off by default.
+    #[arg(long)]
+    pub wasm_allow_private_outbound: bool,
+    /// WebAssembly instances that may run at once, over all wasm functions (the size of
+    /// the pooling allocator; its address space is reserved at start-up).
+    #[arg(long, env = "NIMBUS_WASM_MAX_INSTANCES", default_value_t = 256)]
+    pub wasm_max_instances: u32,
     /// Deploy these function folders once the server is up (repeatable).
     #[arg(long = "deploy", value_name = "DIR")]
     pub deploy: Vec<PathBuf>,
@@ -163,6 +171,12 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let host = Arc::new(host);
 
     let interpreters = resolve_interpreters(&args.interpreters)?;
+    let wasm = nimbus_wasm::Host::new(nimbus_wasm::HostConfig {
+        cache_dir: data_dir.join("wasm-cache"),
+        max_instances: args.wasm_max_instances.clamp(1, 100_000),
+        allow_private_outbound: args.wasm_allow_private_outbound,
+    })
+    .context("start the WebAssembly host")?;
     let region = std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into());
     let worker = nimbus_worker::Worker::new(
         nimbus_worker::WorkerConfig {
@@ -180,6 +194,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         Arc::clone(&artifacts),
         host,
         Arc::clone(&recorder) as Arc<dyn nimbus_core::RecordSink>,
+        Arc::clone(&wasm),
     )
     .context("start worker")?;
     let worker = Arc::new(worker);
@@ -204,6 +219,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         metering: Arc::clone(&recorder),
         applied: vec![routes_gen, keys_gen],
         region: region.clone(),
+        wasm,
     }));
     // After the worker (it invokes) and the event log (it reads and settles).
     let broker = nimbus_broker::Broker::spawn(

@@ -18,6 +18,9 @@ pub enum ApiError {
     InvalidManifest(String),
     #[error("{0}")]
     InvalidArchive(String),
+    /// A `wasm` function's handler is not a component this host can serve.
+    #[error("{0}")]
+    InvalidComponent(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -43,7 +46,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_)
             | ApiError::InvalidManifest(_)
-            | ApiError::InvalidArchive(_) => StatusCode::BAD_REQUEST,
+            | ApiError::InvalidArchive(_)
+            | ApiError::InvalidComponent(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -59,6 +63,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidManifest(_) => "invalid_manifest",
             ApiError::InvalidArchive(_) => "invalid_archive",
+            ApiError::InvalidComponent(_) => "invalid_component",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Throttled { .. } => "throttled",

@@ -64,6 +64,8 @@ pub struct ControlState {
     pub applied: Vec<tokio::sync::watch::Receiver<u64>>,
     /// Region named in Scheduled Events of manual cron fires.
     pub region: String,
+    /// Compiles and checks `wasm` functions at deploy (and fills the compile cache).
+    pub wasm: Arc<nimbus_wasm::Host>,
 }
 
 pub fn token_digest(token: &str) -> [u8; 32] {
@@ -243,6 +245,14 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
                 config.handler,
                 candidates.join(" or ")
             )));
+        }
+        if config.runtime == nimbus_core::Runtime::Wasm {
+            st2.wasm
+                .prepare(&ingested.code_dir.join(&config.handler))
+                .map_err(|e| match e {
+                    nimbus_wasm::Error::Invalid(m) => ApiError::InvalidComponent(m),
+                    other => ApiError::Internal(other.to_string()),
+                })?;
         }
         // Every manifest section is acted on now; the field stays for future notices.
         let warnings: Vec<String> = Vec::new();

@@ -30,7 +30,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use outbound::OutboundPolicy;
-pub use run::{Failure, Finished, Invocation};
+pub use run::{CODE_DIR, Failure, Finished, Invocation};
 
 /// How often the epoch advances while requests run. A guest that computes without
 /// calling the host yields to the async executor at each tick (so a busy loop cannot hold

@@ -224,13 +224,11 @@ fn components_that_cannot_serve_are_refused_with_reasons() {
     let fixtures = root().join("crates/cli/tests/fixtures");
     let e = h
         .prepare(&fixtures.join("wasm-invalid/app.wasm"))
-        .err()
-        .expect("invalid");
+        .expect_err("invalid");
     assert!(e.to_string().contains("is not WebAssembly"), "{e}");
     let e = h
         .prepare(&fixtures.join("wasm-command/command.wasm"))
-        .err()
-        .expect("command");
+        .expect_err("command");
     assert!(
         e.to_string()
             .contains("does not export wasi:http/incoming-handler"),
@@ -238,6 +236,6 @@ fn components_that_cannot_serve_are_refused_with_reasons() {
     );
     let module = tmp.path().join("module.wasm");
     std::fs::write(&module, b"\0asm\x01\0\0\0").expect("write");
-    let e = h.prepare(&module).err().expect("module");
+    let e = h.prepare(&module).expect_err("module");
     assert!(e.to_string().contains("core WebAssembly module"), "{e}");
 }

@@ -19,6 +19,7 @@ pub mod protocol;
 mod runtimes;
 mod spawn;
 mod uids;
+mod wasm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -98,6 +99,8 @@ struct Inner {
     stems: spawn::Stems,
     uids: Arc<uids::UidPool>,
     shutting_down: AtomicBool,
+    /// The WebAssembly host, for `runtime = "wasm"` functions.
+    wasm: Arc<nimbus_wasm::Host>,
 }
 
 impl Worker {
@@ -107,6 +110,7 @@ impl Worker {
         artifacts: Arc<ArtifactStore>,
         host: Arc<Host>,
         records: Arc<dyn nimbus_core::RecordSink>,
+        wasm: Arc<nimbus_wasm::Host>,
     ) -> Result<Worker, Error> {
         let runtimes =
             RuntimeFiles::install(&cfg.runtime_dir).map_err(|source| Error::InstallRuntimes {
@@ -136,6 +140,7 @@ impl Worker {
                 },
                 uids: uids::UidPool::new(uid_base),
                 shutting_down: AtomicBool::new(false),
+                wasm,
             }),
         })
     }
@@ -251,6 +256,12 @@ impl Inner {
             peak_memory_bytes: None,
             cpu_ms: None,
         };
+
+        if pool.config.runtime == nimbus_core::Runtime::Wasm {
+            self.invoke_wasm(&pool, &req, &mut outcome).await?;
+            self.finished(&req, &outcome, started_at_ms, &pool);
+            return Ok(outcome);
+        }
 
         let mut live = match pool.checkout() {
             Some(l) => l,
@@ -460,7 +471,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 

@@ -44,6 +44,15 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         }
         let pools: Vec<Arc<Pool>> = lock(&inner.pools).values().cloned().collect();
         for pool in &pools {
+            if pool.config.runtime == nimbus_core::Runtime::Wasm {
+                if min_for(pool, &live) == 0 {
+                    let idle = Duration::from_millis(pool.config.concurrency.idle_timeout_ms);
+                    if pool.wasm.unload_idle(idle) {
+                        tracing::debug!(function = %pool.function, version = pool.version, "wasm component unloaded");
+                    }
+                }
+                continue;
+            }
             pool.prune_dead();
             scale_down(pool, min_for(pool, &live));
         }
@@ -170,6 +179,17 @@ async fn provision(inner: &Arc<Inner>, live: &BTreeMap<String, Aliased>) {
             Err(_) => continue,
         };
         let min = pool.config.concurrency.min_instances as usize;
+        if pool.config.runtime == nimbus_core::Runtime::Wasm {
+            // Nothing to start: keeping the component loaded is a wasm function's
+            // provisioned concurrency.
+            if min > 0
+                && !pool.wasm.is_loaded()
+                && let Err(e) = inner.wasm_app(&pool).await
+            {
+                tracing::warn!(function = %pool.function, error = %e, "loading a wasm component failed");
+            }
+            continue;
+        }
         let missing = min.saturating_sub(pool.total());
         for _ in 0..missing {
             let inner = Arc::clone(inner);

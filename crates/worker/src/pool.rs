@@ -42,11 +42,15 @@ pub(crate) struct Pool {
     /// Instances being started (cold starts and provisioning) and not yet registered.
     pub starting: AtomicUsize,
     pub metrics: crate::metering::PoolMetrics,
+    /// The loaded component, for a `wasm` function.
+    pub wasm: crate::wasm::WasmSlot,
+    pub outbound: Arc<Vec<nimbus_core::outbound::OutboundRule>>,
 }
 
 impl Pool {
     pub fn new(function: String, version: u32, config: FunctionConfig, code_dir: PathBuf) -> Pool {
         Pool {
+            outbound: Arc::new(config.wasm.allowed_outbound_hosts.clone()),
             metrics: crate::metering::PoolMetrics::new(&function, version),
             function,
             version,
@@ -57,6 +61,7 @@ impl Pool {
             draining: AtomicBool::new(false),
             registry: Mutex::new(BTreeMap::new()),
             starting: AtomicUsize::new(0),
+            wasm: Default::default(),
         }
     }
 

@@ -114,7 +114,7 @@ fn base_env(
 }
 
 /// The function's own variables: Lambda's reserved ones and the manifest's `[env]`.
-fn function_env(pool: &Pool, instance_id: &str) -> Vec<(String, String)> {
+pub(crate) fn function_env(pool: &Pool, instance_id: &str) -> Vec<(String, String)> {
     let c = &pool.config;
     let mut env: Vec<(String, String)> = vec![
         ("_HANDLER".into(), c.handler.clone()),
