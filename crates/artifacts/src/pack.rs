@@ -80,6 +80,16 @@ pub fn pack_dir_with_limits(
     }
 }
 
+/// A `target/` folder beside a `Cargo.toml`: a Rust guest's build output (gigabytes of
+/// intermediate files), never part of what runs; the built `.wasm` is copied out of it.
+fn is_cargo_target(e: &walkdir::DirEntry) -> bool {
+    e.file_type().is_dir()
+        && e.file_name() == "target"
+        && e.path()
+            .parent()
+            .is_some_and(|p| p.join("Cargo.toml").is_file())
+}
+
 fn append_tree<W: Write>(
     builder: &mut tar::Builder<W>,
     dir: &Path,
@@ -96,6 +106,7 @@ fn append_tree<W: Write>(
             !SKIPPED_NAMES
                 .iter()
                 .any(|s| e.file_name().as_bytes() == s.as_bytes())
+                && !is_cargo_target(e)
         });
     for entry in walk {
         let entry = entry.map_err(|e| {
@@ -317,6 +328,13 @@ mod tests {
         write(&root.join("lib/__pycache__/util.pyc"), "bytecode");
         write(&root.join(".DS_Store"), "x");
         write(&root.join(".nimbus/state"), "x");
+        write(&root.join("guest/Cargo.toml"), "[package]");
+        write(
+            &root.join("guest/target/wasm32-wasip2/release/app.wasm"),
+            "build output",
+        );
+        // A `target` folder without a Cargo.toml beside it is ordinary code.
+        write(&root.join("lib/target/keep.txt"), "kept");
     }
 
     fn pack_to_vec(dir: &Path) -> Vec<u8> {
@@ -331,8 +349,9 @@ mod tests {
         sample_tree(src.path(), false);
         let mut archive = Vec::new();
         let stats = pack_dir(src.path(), &mut archive).expect("pack");
-        // main.py, z.txt, run.sh, lib/util.py, lib/deep/data.json + 2 symlinks
-        assert_eq!(stats.files, 7);
+        // main.py, z.txt, run.sh, lib/util.py, lib/deep/data.json, guest/Cargo.toml,
+        // lib/target/keep.txt + 2 symlinks
+        assert_eq!(stats.files, 9);
 
         let dst = tempfile::tempdir().expect("tmp");
         let out = dst.path().join("x");
@@ -363,7 +382,13 @@ mod tests {
             fs::read_to_string(out.join("lib/up.py")).expect("read through link"),
             "def handler(e, c): return 1\n"
         );
-        for skipped in [".git", "lib/__pycache__", ".DS_Store", ".nimbus"] {
+        for skipped in [
+            ".git",
+            "lib/__pycache__",
+            ".DS_Store",
+            ".nimbus",
+            "guest/target",
+        ] {
             assert!(
                 fs::symlink_metadata(out.join(skipped)).is_err(),
                 "{skipped} was packed"
