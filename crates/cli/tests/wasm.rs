@@ -374,3 +374,54 @@ fn components_that_cannot_serve_are_refused_at_deploy() {
         stderr_of(&o)
     );
 }
+
+/// Whether this toolchain can build wasm32-wasip2 (CI installs the target).
+fn wasip2_target_installed() -> bool {
+    std::process::Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .is_some_and(|root| Path::new(&root).join("lib/rustlib/wasm32-wasip2").is_dir())
+}
+
+#[test]
+fn init_writes_a_component_that_builds_deploys_and_serves() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = Server::start();
+    let dir = tmp.path().join("greeter");
+    s.ok(&[
+        "init",
+        "greeter",
+        "--runtime",
+        "wasm",
+        "--dir",
+        dir.to_str().expect("path"),
+    ]);
+    for f in [
+        "nimbus.toml",
+        "Cargo.toml",
+        "build.sh",
+        "src/lib.rs",
+        ".gitignore",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    if !wasip2_target_installed() {
+        eprintln!("wasm32-wasip2 is not installed (rustup target add wasm32-wasip2): not building");
+        return;
+    }
+    let built = std::process::Command::new("sh")
+        .arg(dir.join("build.sh"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("run build.sh");
+    assert!(built.status.success(), "build.sh: {}", stderr_of(&built));
+    let d = s.json(&["deploy", dir.to_str().expect("path")]);
+    // The build output under target/ stays home: only the sources and app.wasm go up.
+    assert!(d["size"].as_u64().is_some_and(|n| n < 2 << 20), "{d}");
+    let r = s.http().get(s.url("/greeter/ada")).send().expect("GET");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().expect("json")["message"], "hello, ada!");
+}

@@ -29,6 +29,9 @@ pub enum Trigger {
     Http,
     Event,
     Cron,
+    /// A route's helper (Lambda authorizer, request or response transform): a JSON event
+    /// in, a JSON answer out, whatever the function's runtime.
+    Hook,
 }
 
 #[derive(Debug, Clone)]

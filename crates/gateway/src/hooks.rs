@@ -205,7 +205,7 @@ async fn call(
         request_id: nimbus_core::new_request_id(),
         function: function.to_string(),
         target: Target::Alias("live".into()),
-        trigger: Trigger::Http,
+        trigger: Trigger::Hook,
         payload: payload.into(),
         trace: observe::traceparent(&parts.headers),
     };

@@ -760,6 +760,7 @@ fn trigger_name(t: Trigger) -> &'static str {
         Trigger::Http => "http",
         Trigger::Event => "event",
         Trigger::Cron => "cron",
+        Trigger::Hook => "hook",
     }
 }
 

@@ -132,6 +132,12 @@ impl Host {
         })
     }
 
+    /// Whether `wasm` was compiled (or found in the cache) by this process already, so
+    /// that [`Host::load`] only maps the compiled file.
+    pub fn is_compiled(&self, wasm: &Path) -> bool {
+        lock(&self.compiled).contains_key(wasm)
+    }
+
     fn pre(&self, component: &Component, wasm: &Path) -> Result<ProxyPre<run::State>, Error> {
         let name = file_name(wasm);
         let instance_pre = self.linker.instantiate_pre(component).map_err(|e| {
@@ -162,6 +168,9 @@ pub struct App {
     host: Arc<Host>,
 }
 
+/// Bytes of a linear memory reset in place on reuse (see `pagemap_scan` below).
+const KEEP_RESIDENT: usize = 8 << 20;
+
 fn engine_config(cfg: &HostConfig) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
@@ -182,10 +191,15 @@ fn engine_config(cfg: &HostConfig) -> Config {
         .max_memories_per_component(8)
         .max_tables_per_component(16)
         .max_memory_size(4 << 30)
-        // Reuse warm slots without giving their pages back: the next instance of the same
-        // component then maps its copy-on-write image over already-resident memory.
-        .linear_memory_keep_resident(1 << 20)
-        .table_keep_resident(1 << 16);
+        // Reset a reused slot by rewriting only the pages the last request dirtied
+        // (found with PAGEMAP_SCAN, Linux 6.7+) instead of `madvise`: no page faults on
+        // reuse and, above all, no TLB shoot-down interrupting every runtime thread per
+        // request. Without the ioctl, the keep-resident size bounds a plain memset.
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(64 << 10)
+        // What still needs `madvise` is decommitted in batches.
+        .decommit_batch_size(16);
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     c
 }

@@ -184,6 +184,7 @@ impl Invoker for Worker {
         let inner = Arc::clone(&self.inner);
         let function = function.to_string();
         Box::pin(async move {
+            let mut unloaded = 0;
             let pools: Vec<Arc<Pool>> = {
                 let mut map = lock(&inner.pools);
                 let keys: Vec<_> = map
@@ -191,10 +192,26 @@ impl Invoker for Worker {
                     .filter(|(f, _)| *f == function)
                     .cloned()
                     .collect();
+                // A wasm pool holds no instances, only its loaded component: dropping
+                // that is the eviction, and the pool (and the alias resolution cached for
+                // it) stays, so the next request's cold start is the load alone.
+                let keys: Vec<_> = keys
+                    .into_iter()
+                    .filter(|k| match map.get(k) {
+                        Some(p) if p.config.runtime == nimbus_core::Runtime::Wasm => {
+                            unloaded += usize::from(p.wasm.unload());
+                            false
+                        }
+                        _ => true,
+                    })
+                    .collect();
+                if keys.is_empty() {
+                    return unloaded;
+                }
                 keys.iter().filter_map(|k| map.remove(k)).collect()
             };
             lock(&inner.resolved).1.retain(|(f, _), _| *f != function);
-            let mut n = 0;
+            let mut n = unloaded;
             for pool in pools {
                 n += pool.idle_count();
                 pool.drain();
