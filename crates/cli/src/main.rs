@@ -179,6 +179,11 @@ fn main() -> ExitCode {
     {
         nimbus_sandbox::init_main();
     }
+    // The wasm compiler child (see nimbus_wasm::HostConfig::compiler): no runtime, no logs.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == nimbus_wasm::COMPILE_ARG) {
+        return nimbus_wasm::compile_main(&args[2..]);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -175,6 +175,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         cache_dir: data_dir.join("wasm-cache"),
         max_instances: args.wasm_max_instances.clamp(1, 100_000),
         allow_private_outbound: args.wasm_allow_private_outbound,
+        compiler: Some(std::env::current_exe().context("locate the nimbus binary")?),
     })
     .context("start the WebAssembly host")?;
     let region = std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into());

@@ -373,6 +373,27 @@ fn components_that_cannot_serve_are_refused_at_deploy() {
         "{}",
         stderr_of(&o)
     );
+    // A component header over garbage gets as far as the compiler (a child process),
+    // whose reason comes back as the deploy error.
+    let mut junk = b"\0asm\x0d\0\x01\0".to_vec();
+    junk.extend_from_slice(&[0xff; 64]);
+    std::fs::write(f.join("hello.wasm"), junk).expect("write");
+    std::fs::write(
+        f.join("nimbus.toml"),
+        "name = \"junk\"\nruntime = \"wasm\"\nhandler = \"hello.wasm\"\n",
+    )
+    .expect("manifest");
+    let o = s.cli(&["deploy", f.to_str().expect("path")]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("is not a valid WebAssembly component"),
+        "{}",
+        stderr_of(&o)
+    );
+    // The server is fine afterwards.
+    s.ok(&["deploy", example("wasm-hello").to_str().expect("path")]);
+    let r = s.http().get(s.url("/hello-wasm/ok")).send().expect("GET");
+    assert_eq!(r.status(), 200);
 }
 
 /// Whether this toolchain can build wasm32-wasip2 (CI installs the target).

@@ -38,6 +38,7 @@ impl Cache {
         &self,
         engine: &Engine,
         wasm: &Path,
+        compiler: Option<&Path>,
     ) -> Result<(PathBuf, Component), Error> {
         let name = file_name(wasm);
         let bytes = std::fs::read(wasm)
@@ -51,25 +52,33 @@ impl Cache {
             return Ok((path, c));
         }
         check_header(&name, &bytes)?;
-        let compiled = engine.precompile_component(&bytes).map_err(|e| {
-            Error::Invalid(format!(
-                "`{name}` is not a valid WebAssembly component: {}",
-                crate::root_cause(&e)
-            ))
-        })?;
         // Written aside and renamed, so a crash or a concurrent deploy never leaves a
         // half-written file under the final name.
         let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(|source| Error::Cache {
             path: self.dir.clone(),
             source,
         })?;
-        std::fs::write(tmp.path(), &compiled)
-            .and_then(|()| tmp.persist(&path).map(drop).map_err(|e| e.error))
+        match compiler {
+            Some(program) => compile_in_child(program, wasm, tmp.path(), &name)?,
+            None => {
+                let compiled = compile_bytes(engine, wasm)?;
+                std::fs::write(tmp.path(), &compiled).map_err(|source| Error::Cache {
+                    path: tmp.path().to_path_buf(),
+                    source,
+                })?;
+            }
+        }
+        tmp.persist(&path)
+            .map(drop)
+            .map_err(|e| e.error)
             .map_err(|source| Error::Cache {
                 path: path.clone(),
                 source,
             })?;
+        // Loading checks the file against this engine: a child built with other settings
+        // would be refused here.
         let component = self.load(engine, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&path);
             Error::Engine(format!(
                 "load the component just compiled: {}",
                 crate::root_cause(&e)
@@ -87,6 +96,66 @@ impl Cache {
         // header and the engine settings again on load. The directory lives under the
         // operator's data dir: whoever can write there already controls the platform.
         unsafe { Component::deserialize_file(engine, path) }
+    }
+}
+
+/// Compiles a component file: what the child process of [`crate::compile_main`] runs.
+pub(crate) fn compile_bytes(engine: &Engine, wasm: &Path) -> Result<Vec<u8>, Error> {
+    let name = file_name(wasm);
+    let bytes =
+        std::fs::read(wasm).map_err(|e| Error::Invalid(format!("cannot read `{name}`: {e}")))?;
+    check_header(&name, &bytes)?;
+    engine.precompile_component(&bytes).map_err(|e| {
+        Error::Invalid(format!(
+            "`{name}` is not a valid WebAssembly component: {}",
+            crate::root_cause(&e)
+        ))
+    })
+}
+
+fn compile_in_child(program: &Path, wasm: &Path, out: &Path, name: &str) -> Result<(), Error> {
+    let mut child = std::process::Command::new(program)
+        .arg(crate::COMPILE_ARG)
+        .arg(wasm)
+        .arg(out)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Engine(format!("start the compiler {}: {e}", program.display())))?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > crate::COMPILE_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Invalid(format!(
+                    "`{name}` took longer than {} s to compile",
+                    crate::COMPILE_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(e) => return Err(Error::Engine(format!("wait for the compiler: {e}"))),
+        }
+    };
+    let mut stderr = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        use std::io::Read;
+        let _ = s.read_to_string(&mut stderr);
+    }
+    let reason = stderr.lines().next().unwrap_or("").trim().to_string();
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(2) => Err(Error::Invalid(reason)),
+        _ => Err(Error::Invalid(format!(
+            "`{name}` could not be compiled ({status}{})",
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            }
+        ))),
     }
 }
 

@@ -61,6 +61,55 @@ pub struct HostConfig {
     /// Whether outgoing requests may reach loopback and private addresses (off by
     /// default: the control API listens on loopback).
     pub allow_private_outbound: bool,
+    /// Compile in a child process (this program, run with [`COMPILE_ARG`]) instead of
+    /// in-process. The server sets it: a compile holds tens of MiB that the allocator
+    /// keeps afterwards, and hostile input that trips the compiler takes down a child,
+    /// not the platform.
+    pub compiler: Option<PathBuf>,
+}
+
+/// The hidden first argument that makes a program run [`compile_main`].
+pub const COMPILE_ARG: &str = "__wasm-compile";
+
+/// How long a compile may take before it is given up (a hostile component can be made
+/// expensive to compile).
+pub const COMPILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The child side of [`HostConfig::compiler`]: `<program> __wasm-compile IN OUT`
+/// compiles IN with the server's engine settings into OUT. Exit 0: done; 2: IN is not a
+/// component (the reason on stderr, one line); 1: anything else.
+pub fn compile_main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
+    let (Some(input), Some(output)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: {COMPILE_ARG} IN OUT");
+        return std::process::ExitCode::from(1);
+    };
+    let engine = match Engine::new(&engine_config(&HostConfig {
+        max_instances: 1,
+        ..HostConfig::default()
+    })) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("wasm engine: {e:#}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match cache::compile_bytes(&engine, Path::new(input)) {
+        Ok(bytes) => match std::fs::write(output, bytes) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("write {}: {e}", Path::new(output).display());
+                std::process::ExitCode::from(1)
+            }
+        },
+        Err(Error::Invalid(m)) => {
+            eprintln!("{m}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }
 
 impl Default for HostConfig {
@@ -69,6 +118,7 @@ impl Default for HostConfig {
             cache_dir: std::env::temp_dir().join("nimbus-wasm-cache"),
             max_instances: 256,
             allow_private_outbound: false,
+            compiler: None,
         }
     }
 }
@@ -120,7 +170,9 @@ impl Host {
         let component = match known.and_then(|p| self.cache.load(&self.engine, &p).ok()) {
             Some(c) => c,
             None => {
-                let (path, component) = self.cache.compile(&self.engine, wasm)?;
+                let (path, component) =
+                    self.cache
+                        .compile(&self.engine, wasm, self.cfg.compiler.as_deref())?;
                 lock(&self.compiled).insert(wasm.to_path_buf(), path);
                 component
             }

@@ -22,6 +22,7 @@ fn host(dir: &Path) -> Arc<Host> {
         cache_dir: dir.join("cache"),
         max_instances: 16,
         allow_private_outbound: false,
+        compiler: None,
     })
     .expect("host")
 }
