@@ -10,8 +10,8 @@ use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-const ISS: &str = "https://idp.example.com";
-const AUD: &str = "nimbus-api";
+const ISS: &str = JWT_ISSUER;
+const AUD: &str = JWT_AUDIENCE;
 
 fn now() -> i64 {
     std::time::SystemTime::now()
@@ -42,15 +42,7 @@ fn claims(extra: Value) -> Value {
 }
 
 fn server() -> Server {
-    let jwks = fixture("jwt").join("jwks.json");
-    let s = Server::start_args(&[
-        "--jwks-file",
-        jwks.to_str().expect("path"),
-        "--jwt-issuer",
-        ISS,
-        "--jwt-audience",
-        AUD,
-    ]);
+    let s = Server::start_jwt();
     s.ok(&["deploy", fixture("jwt-py").to_str().expect("path")]);
     s
 }

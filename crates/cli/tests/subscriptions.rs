@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
@@ -54,17 +54,6 @@ fn saw(s: &Server, function: &str) -> Vec<Value> {
 
 fn count(seen: &[Value], id: &str) -> usize {
     seen.iter().filter(|e| e["id"] == id).count()
-}
-
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn read_topic(s: &Server, topic: &str) -> Vec<Value> {

@@ -12,20 +12,6 @@ use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-const ISS: &str = "https://idp.example.com";
-const AUD: &str = "nimbus-api";
-
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The example's component under another manifest.
 fn hello_with(dir: &Path, manifest: &str) -> std::path::PathBuf {
     let f = dir.join("fn");
@@ -48,15 +34,7 @@ fn invoke(s: &Server, name: &str, data: &str) -> Value {
 #[test]
 fn the_example_serves_routes_jwt_routes_invokes_and_is_metered() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let jwks = fixture("jwt").join("jwks.json");
-    let s = Server::start_args(&[
-        "--jwks-file",
-        jwks.to_str().expect("path"),
-        "--jwt-issuer",
-        ISS,
-        "--jwt-audience",
-        AUD,
-    ]);
+    let s = Server::start_jwt();
     let d = s.json(&["deploy", example("wasm-hello").to_str().expect("path")]);
     assert_eq!(d["version"], 1, "{d}");
 
@@ -117,7 +95,7 @@ fn the_example_serves_routes_jwt_routes_invokes_and_is_metered() {
     h.kid = Some("test-1".into());
     let token = encode(
         &h,
-        &json!({"iss": ISS, "aud": AUD, "sub": "u1", "exp": now + 300}),
+        &json!({"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": "u1", "exp": now + 300}),
         &EncodingKey::from_rsa_pem(&pem).expect("key"),
     )
     .expect("sign");

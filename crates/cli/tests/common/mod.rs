@@ -40,9 +40,38 @@ pub struct Server {
     pub stderr_log: PathBuf,
 }
 
+/// Issuer and audience of the JWT fixtures (`fixtures/jwt`).
+pub const JWT_ISSUER: &str = "https://idp.example.com";
+pub const JWT_AUDIENCE: &str = "nimbus-api";
+
+/// Polls `f` until it gives a value; fails the test after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 impl Server {
     pub fn start() -> Server {
         Server::start_args(&[])
+    }
+
+    /// A server that verifies JWTs against the fixture keys (`fixtures/jwt/jwks.json`).
+    pub fn start_jwt() -> Server {
+        let jwks = fixture("jwt").join("jwks.json");
+        Server::start_args(&[
+            "--jwks-file",
+            jwks.to_str().expect("path"),
+            "--jwt-issuer",
+            JWT_ISSUER,
+            "--jwt-audience",
+            JWT_AUDIENCE,
+        ])
     }
 
     /// Starts a server on a temp data dir with extra `serve` flags.
