@@ -240,27 +240,3 @@ fn components_that_cannot_serve_are_refused_with_reasons() {
     let e = h.prepare(&module).expect_err("module");
     assert!(e.to_string().contains("core WebAssembly module"), "{e}");
 }
-
-/// Where a cold start's time goes (run with --release --ignored --nocapture).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn cold_start_breakdown() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let h = host(tmp.path());
-    let wasm = root().join("examples/wasm-hello/hello.wasm");
-    h.prepare(&wasm).expect("compile");
-    for _ in 0..5 {
-        let h2 = host(tmp.path());
-        let t = Instant::now();
-        let app = h2.load(&wasm).expect("load");
-        let loaded = t.elapsed();
-        let t = Instant::now();
-        let done = app.handle(inv(get("/hello-wasm/ada"))).await;
-        let first = t.elapsed();
-        let t = Instant::now();
-        let _ = app.handle(inv(get("/hello-wasm/ada"))).await;
-        let second = t.elapsed();
-        assert!(done.result.is_ok());
-        println!("load {loaded:?}  first request {first:?}  second {second:?}");
-    }
-}
