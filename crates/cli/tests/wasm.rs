@@ -424,3 +424,34 @@ fn init_writes_a_component_that_builds_deploys_and_serves() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().expect("json")["message"], "hello, ada!");
 }
+
+#[test]
+fn a_deployed_component_survives_sigkill_and_a_lost_compile_cache() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let get = |s: &Server| {
+        let r = s.http().get(s.url("/hello-wasm/kay")).send().expect("GET");
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    let mut s = Server::start_with(&data, &[]);
+    s.ok(&["deploy", example("wasm-hello").to_str().expect("path")]);
+    assert_eq!(get(&s).0, 200);
+    s.kill9();
+    // Restarted: the acknowledged deploy is there, loaded from the compile cache.
+    let mut s = Server::start_with(&data, &[]);
+    let (status, body) = get(&s);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello, kay!"), "{body}");
+    s.kill9();
+    // The cache is only a cache: without it the component is compiled again on first use.
+    std::fs::remove_dir_all(data.join("wasm-cache")).expect("rm cache");
+    let s = Server::start_with(&data, &[]);
+    let (status, body) = get(&s);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        std::fs::read_dir(data.join("wasm-cache"))
+            .expect("cache")
+            .any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "cwasm"))),
+        "recompiled into the cache"
+    );
+}

@@ -68,6 +68,14 @@ impl Cache {
                 })?;
             }
         }
+        // On disk before it gets its final name: after a crash the cache holds whole
+        // files or none, which is what loading machine code from it relies on.
+        std::fs::File::open(tmp.path())
+            .and_then(|f| f.sync_all())
+            .map_err(|source| Error::Cache {
+                path: tmp.path().to_path_buf(),
+                source,
+            })?;
         tmp.persist(&path)
             .map(drop)
             .map_err(|e| e.error)
@@ -90,8 +98,8 @@ impl Cache {
     pub(crate) fn load(&self, engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
         // SAFETY: `deserialize_file` runs the machine code in the file, so the file must
         // come from `Engine::precompile_component` of a compatible engine. Every file in
-        // this directory is written only by `compile` above (under a temporary name, then
-        // renamed), from this engine's own output, and the engine tag in the name keeps a
+        // this directory is written only by `compile` above (under a temporary name,
+        // fsynced, then renamed), from this engine's own output or its child's, and the engine tag in the name keeps a
         // different wasmtime or configuration from picking it up; wasmtime checks the
         // header and the engine settings again on load. The directory lives under the
         // operator's data dir: whoever can write there already controls the platform.
