@@ -421,6 +421,18 @@ impl RouteTable {
 }
 
 /// Decodes `%XX` escapes; invalid escapes and non-UTF-8 results are kept as written.
+/// Whether a body of this content type travels as text in Lambda's events and proxy
+/// responses (API Gateway's rule); anything else is base64. An empty type counts as text.
+pub fn is_textual(content_type: &str) -> bool {
+    let ct = content_type.to_ascii_lowercase();
+    ct.is_empty()
+        || ct.starts_with("text/")
+        || ct.contains("json")
+        || ct.contains("xml")
+        || ct.contains("javascript")
+        || ct.starts_with("application/x-www-form-urlencoded")
+}
+
 pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

@@ -80,7 +80,7 @@ pub fn build_event(i: &EventInput<'_>) -> Value {
         .map(String::as_str)
         .unwrap_or("");
     let (body, is_b64) = match std::str::from_utf8(i.body) {
-        Ok(text) if is_textual(content_type) => (text.to_string(), false),
+        Ok(text) if nimbus_core::routes::is_textual(content_type) => (text.to_string(), false),
         _ => (B64.encode(i.body), true),
     };
     let host = headers.get("host").cloned().unwrap_or_default();
@@ -138,16 +138,6 @@ pub fn build_event(i: &EventInput<'_>) -> Value {
     }
     ev.insert("isBase64Encoded".into(), json!(is_b64));
     Value::Object(ev)
-}
-
-fn is_textual(content_type: &str) -> bool {
-    let ct = content_type.to_ascii_lowercase();
-    ct.is_empty()
-        || ct.starts_with("text/")
-        || ct.contains("json")
-        || ct.contains("xml")
-        || ct.contains("javascript")
-        || ct.starts_with("application/x-www-form-urlencoded")
 }
 
 fn decode_query(s: &str) -> String {

@@ -61,7 +61,7 @@ impl Cache {
         match compiler {
             Some(program) => compile_in_child(program, wasm, tmp.path(), &name)?,
             None => {
-                let compiled = compile_bytes(engine, wasm)?;
+                let compiled = precompile(engine, &name, &bytes)?;
                 std::fs::write(tmp.path(), &compiled).map_err(|source| Error::Cache {
                     path: tmp.path().to_path_buf(),
                     source,
@@ -113,7 +113,11 @@ pub(crate) fn compile_bytes(engine: &Engine, wasm: &Path) -> Result<Vec<u8>, Err
     let bytes =
         std::fs::read(wasm).map_err(|e| Error::Invalid(format!("cannot read `{name}`: {e}")))?;
     check_header(&name, &bytes)?;
-    engine.precompile_component(&bytes).map_err(|e| {
+    precompile(engine, &name, &bytes)
+}
+
+fn precompile(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+    engine.precompile_component(bytes).map_err(|e| {
         Error::Invalid(format!(
             "`{name}` is not a valid WebAssembly component: {}",
             crate::root_cause(&e)

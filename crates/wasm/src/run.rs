@@ -26,7 +26,8 @@ pub const CODE_DIR: &str = "/var/task";
 /// What one request may use and see.
 pub struct Invocation {
     pub request: http::Request<Bytes>,
-    pub env: Vec<(String, String)>,
+    /// Shared by the requests of one loaded version.
+    pub env: Arc<Vec<(String, String)>>,
     /// The function folder, mounted read-only at [`CODE_DIR`] when set.
     pub files: Option<PathBuf>,
     pub outbound: OutboundPolicy,

@@ -37,7 +37,7 @@ fn get(path: &str) -> http::Request<Bytes> {
 fn inv(request: http::Request<Bytes>) -> Invocation {
     Invocation {
         request,
-        env: vec![("TRICK_ENV".into(), "from-test".into())],
+        env: Arc::new(vec![("TRICK_ENV".into(), "from-test".into())]),
         files: None,
         outbound: OutboundPolicy::default(),
         memory_bytes: 64 << 20,
@@ -60,7 +60,7 @@ async fn the_example_answers_and_logs() {
         .load(&root().join("examples/wasm-hello/hello.wasm"))
         .expect("load");
     let mut i = inv(get("/hello-wasm/ada"));
-    i.env = vec![("GREETING".into(), "hi".into())];
+    i.env = Arc::new(vec![("GREETING".into(), "hi".into())]);
     let done = app.handle(i).await;
     let resp = done.result.expect("response");
     assert_eq!(resp.status(), 200);

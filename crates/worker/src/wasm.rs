@@ -28,16 +28,34 @@ use crate::{Inner, lock};
 /// The loaded component of a pool, and when it last served.
 #[derive(Default)]
 pub(crate) struct WasmSlot {
-    app: Mutex<Option<(App, Instant)>>,
+    app: Mutex<Option<Loaded>>,
     /// One load at a time: requests arriving during a cold start wait for it.
     loading: tokio::sync::Mutex<()>,
 }
 
+/// What a request needs from a loaded version: made once per load, not per request.
+#[derive(Clone)]
+pub(crate) struct Loaded {
+    app: App,
+    /// The environment, as a process instance gets it at start-up (its log stream is
+    /// named once, like an execution environment's).
+    env: Arc<Vec<(String, String)>>,
+    used: Instant,
+}
+
 impl WasmSlot {
+    /// The loaded component, marked as used now.
+    fn warm(&self) -> Option<Loaded> {
+        let mut slot = lock(&self.app);
+        let loaded = slot.as_mut()?;
+        loaded.used = Instant::now();
+        Some(loaded.clone())
+    }
+
     /// Drops the component if unused for `idle`; true when it did.
     pub(crate) fn unload_idle(&self, idle: Duration) -> bool {
         let mut app = lock(&self.app);
-        if app.as_ref().is_some_and(|(_, used)| used.elapsed() >= idle) {
+        if app.as_ref().is_some_and(|l| l.used.elapsed() >= idle) {
             *app = None;
             return true;
         }
@@ -56,15 +74,13 @@ impl WasmSlot {
 
 impl Inner {
     /// The pool's component, loaded on first use. `Some(ms)` when this call loaded it.
-    pub(crate) async fn wasm_app(&self, pool: &Pool) -> Result<(App, Option<f64>), String> {
-        if let Some((app, used)) = lock(&pool.wasm.app).as_mut() {
-            *used = Instant::now();
-            return Ok((app.clone(), None));
+    pub(crate) async fn wasm_app(&self, pool: &Pool) -> Result<(Loaded, Option<f64>), String> {
+        if let Some(l) = pool.wasm.warm() {
+            return Ok((l, None));
         }
         let _one = pool.wasm.loading.lock().await;
-        if let Some((app, used)) = lock(&pool.wasm.app).as_mut() {
-            *used = Instant::now();
-            return Ok((app.clone(), None));
+        if let Some(l) = pool.wasm.warm() {
+            return Ok((l, None));
         }
         let started = Instant::now();
         let host = Arc::clone(&self.wasm);
@@ -80,8 +96,25 @@ impl Inner {
                 .map_err(|e| format!("load task: {e}"))?
         }
         .map_err(|e| e.to_string())?;
-        *lock(&pool.wasm.app) = Some((app.clone(), Instant::now()));
-        Ok((app, Some(crate::ms(started.elapsed()))))
+        let loaded = Loaded {
+            app,
+            env: Arc::new(self.wasm_env(pool)),
+            used: Instant::now(),
+        };
+        *lock(&pool.wasm.app) = Some(loaded.clone());
+        Ok((loaded, Some(crate::ms(started.elapsed()))))
+    }
+
+    fn wasm_env(&self, pool: &Pool) -> Vec<(String, String)> {
+        let mut env = crate::spawn::function_env(pool, "wasm");
+        env.push(("AWS_REGION".into(), self.cfg.region.clone()));
+        env.push(("AWS_DEFAULT_REGION".into(), self.cfg.region.clone()));
+        env.push(("AWS_EXECUTION_ENV".into(), "nimbus_wasm".into()));
+        env.push(("TZ".into(), "UTC".into()));
+        if pool.config.wasm.files {
+            env.push(("LAMBDA_TASK_ROOT".into(), nimbus_wasm::CODE_DIR.into()));
+        }
+        env
     }
 
     /// Runs one invocation of a wasm function; fills in `outcome`.
@@ -91,11 +124,11 @@ impl Inner {
         req: &InvokeRequest,
         outcome: &mut nimbus_core::InvokeOutcome,
     ) -> Result<(), nimbus_core::InvokeError> {
-        let app = match self.wasm_app(pool).await {
-            Ok((app, loaded_ms)) => {
+        let loaded = match self.wasm_app(pool).await {
+            Ok((loaded, loaded_ms)) => {
                 outcome.cold_start = loaded_ms.is_some();
                 outcome.init_duration_ms = loaded_ms;
-                app
+                loaded
             }
             Err(msg) => {
                 tracing::warn!(function = %pool.function, version = pool.version, error = %msg, "loading a wasm component failed");
@@ -112,19 +145,12 @@ impl Inner {
             }
         };
         let c = &pool.config;
-        let mut env = crate::spawn::function_env(pool, "wasm");
-        env.push(("AWS_REGION".into(), self.cfg.region.clone()));
-        env.push(("AWS_DEFAULT_REGION".into(), self.cfg.region.clone()));
-        env.push(("AWS_EXECUTION_ENV".into(), "nimbus_wasm".into()));
-        env.push(("TZ".into(), "UTC".into()));
-        if c.wasm.files {
-            env.push(("LAMBDA_TASK_ROOT".into(), nimbus_wasm::CODE_DIR.into()));
-        }
         let started = Instant::now();
-        let done = app
+        let done = loaded
+            .app
             .handle(Invocation {
                 request,
-                env,
+                env: loaded.env,
                 files: c.wasm.files.then(|| pool.code_dir.clone()),
                 outbound: OutboundPolicy {
                     rules: Arc::clone(&pool.outbound),
@@ -325,13 +351,7 @@ fn from_response(resp: http::Response<Bytes>, http_event: bool) -> InvokeStatus 
         .headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_none_or(|ct| {
-            let ct = ct.to_ascii_lowercase();
-            ct.starts_with("text/")
-                || ["json", "xml", "javascript", "x-www-form-urlencoded"]
-                    .iter()
-                    .any(|t| ct.contains(t))
-        });
+        .is_none_or(nimbus_core::routes::is_textual);
     let (body, b64) = match std::str::from_utf8(&body) {
         Ok(s) if textual => (s.to_string(), false),
         _ => (B64.encode(&body), true),
