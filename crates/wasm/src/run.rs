@@ -296,6 +296,8 @@ impl App {
         let (guest, response) = tokio::join!(guest, response);
         match (guest, response) {
             (_, Ok(resp)) => Ok(resp),
+            // The guest fails writing once the host stops reading; the cause is the size.
+            (_, Err(Failure::ResponseTooLarge)) => Err(Failure::ResponseTooLarge),
             (Err(e), Err(_)) => Err(classify(&e, flags)),
             (Ok(()), Err(Failure::Trap(m))) if m.is_empty() => Err(Failure::Trap(
                 "the component returned without setting a response".into(),

@@ -133,6 +133,17 @@ async fn limits_stop_the_guest_and_the_host_keeps_serving() {
         done.logs
     );
 
+    // A response over the limit is refused, not truncated (echo answers with the body).
+    let mut i = inv(http::Request::post("/tricks/echo")
+        .header("host", "localhost")
+        .body(Bytes::from(vec![b'a'; 2 << 20]))
+        .expect("request"));
+    i.max_response_bytes = 1 << 20;
+    assert_eq!(
+        app.handle(i).await.result.err(),
+        Some(Failure::ResponseTooLarge)
+    );
+
     let done = app.handle(inv(get("/tricks/env?name=TRICK_ENV"))).await;
     assert_eq!(body(&done.result.expect("env")), "from-test");
 }
