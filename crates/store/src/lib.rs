@@ -55,7 +55,7 @@ use tokio::sync::watch;
 
 pub use error::Error;
 pub use keys::KeyUsage;
-pub use metering::{Recorder, RecorderConfig, Retention};
+pub use metering::{LogRetention, Recorder, RecorderConfig, Retention};
 
 /// The alias every deploy points at its new version, and routes from manifests use.
 pub const LIVE_ALIAS: &str = "live";

@@ -2,11 +2,14 @@
 //!
 //! The worker hands each finished invocation to [`Recorder`] through
 //! [`nimbus_core::RecordSink`]. `record` only pushes onto a bounded queue and never
-//! waits: when the queue is full the record is dropped and counted
-//! ([`RecorderStats::dropped`]), because metering must never slow or fail an
-//! invocation. One dedicated thread drains the queue and writes whatever has
-//! accumulated in one transaction (group commit), so under load many records share one
-//! commit.
+//! waits, because metering must never slow or fail an invocation. The queue is bounded
+//! twice: by records (past it a record is dropped and counted,
+//! [`RecorderStats::dropped`]) and by the bytes of the log bodies it holds (past it a
+//! record is still queued, but its log body is replaced by a one-line notice and
+//! counted, [`RecorderStats::log_bodies_dropped`]), so a chatty function costs the
+//! server a bounded amount of memory and never its records. One dedicated thread
+//! drains the queue and writes whatever has accumulated in one transaction (group
+//! commit), so under load many records share one commit.
 //!
 //! # What is durable
 //! Less than the rest of the store, on purpose. The recorder's connection runs with
@@ -15,7 +18,10 @@
 //! process dies are lost too; [`Recorder::flush`] at shutdown writes them out.
 //!
 //! Retention ([`Retention`]) is enforced by [`Recorder::prune`], which the server calls
-//! periodically; between calls the table may exceed its limits.
+//! periodically; between calls the table may exceed its limits. Log bodies are also
+//! bounded by bytes ([`LogRetention`]), in total and per function; the writer enforces
+//! that in every batch's own transaction, oldest first, so the bodies kept never exceed
+//! it by more than one batch.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,9 +37,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+mod retention;
+
+pub use retention::LogRetention;
+use retention::LogUsage;
+
 const MIB: f64 = 1024.0 * 1024.0;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
+/// Bytes the WAL is truncated to after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 4 * 1024 * 1024;
 /// Rows deleted per statement while pruning, so the write lock is released often.
 const PRUNE_CHUNK: i64 = 10_000;
 /// Memory sizes are recommended in steps of this many MB, the smallest allowed size
@@ -65,17 +78,23 @@ impl Default for Retention {
 pub struct RecorderConfig {
     /// Records waiting to be written; past it, new ones are dropped.
     pub queue_capacity: usize,
+    /// Bytes of log bodies queued or being written; past it, new records are queued
+    /// without their log body.
+    pub queue_bytes: u64,
     /// Most records written in one transaction.
     pub max_batch: usize,
     pub retention: Retention,
+    pub log_retention: LogRetention,
 }
 
 impl Default for RecorderConfig {
     fn default() -> Self {
         RecorderConfig {
             queue_capacity: 10_000,
+            queue_bytes: 32 * 1024 * 1024,
             max_batch: 1_000,
             retention: Retention::default(),
+            log_retention: LogRetention::default(),
         }
     }
 }
@@ -91,6 +110,16 @@ pub struct RecorderStats {
     pub failed: u64,
     /// Transactions committed.
     pub batches: u64,
+    /// Records queued without their log body because the queue held too many bytes.
+    pub log_bodies_dropped: u64,
+    /// The bytes of those bodies.
+    pub log_bytes_dropped: u64,
+    /// Bytes of log bodies queued or being written now.
+    pub queued_log_bytes: u64,
+    /// Bytes of log bodies deleted to stay within [`LogRetention`].
+    pub log_bytes_pruned: u64,
+    /// Bytes of log bodies kept now (as of the last batch).
+    pub log_bytes: u64,
 }
 
 #[derive(Default)]
@@ -99,6 +128,18 @@ struct Counters {
     dropped: AtomicU64,
     failed: AtomicU64,
     batches: AtomicU64,
+    log_bodies_dropped: AtomicU64,
+    log_bytes_dropped: AtomicU64,
+    queued_log_bytes: AtomicU64,
+    log_bytes_pruned: AtomicU64,
+    log_bytes: AtomicU64,
+}
+
+/// The writer's connection and what it knows about the rows it wrote.
+struct Writer {
+    conn: Connection,
+    usage: LogUsage,
+    limits: LogRetention,
 }
 
 enum Msg {
@@ -235,10 +276,11 @@ pub struct Recommendation {
 pub struct Recorder {
     tx: Mutex<Option<SyncSender<Msg>>>,
     counters: Arc<Counters>,
-    writer: Arc<Mutex<Connection>>,
+    writer: Arc<Mutex<Writer>>,
     reader: Mutex<Connection>,
     thread: Mutex<Option<JoinHandle<()>>>,
     retention: Retention,
+    queue_bytes: u64,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -254,10 +296,20 @@ impl Recorder {
     /// Opens the database at `path` (applying pending migrations, like
     /// [`crate::Store::open`]) and starts the writer thread.
     pub fn open(path: &Path, config: RecorderConfig) -> Result<Recorder> {
-        let mut writer = open_conn(path)?;
-        crate::migrations::migrate(&mut writer)?;
+        let mut conn = open_conn(path)?;
+        crate::migrations::migrate(&mut conn)?;
+        let usage = {
+            let tx = conn.transaction()?;
+            let usage = LogUsage::load(&tx)?;
+            tx.commit()?;
+            usage
+        };
         let reader = open_conn(path)?;
-        let writer = Arc::new(Mutex::new(writer));
+        let writer = Arc::new(Mutex::new(Writer {
+            conn,
+            usage,
+            limits: config.log_retention,
+        }));
         let counters = Arc::new(Counters::default());
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
         let thread = {
@@ -275,6 +327,7 @@ impl Recorder {
             reader: Mutex::new(reader),
             thread: Mutex::new(Some(thread)),
             retention: config.retention,
+            queue_bytes: config.queue_bytes,
         })
     }
 
@@ -285,6 +338,11 @@ impl Recorder {
             dropped: c.dropped.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
+            log_bodies_dropped: c.log_bodies_dropped.load(Ordering::Relaxed),
+            log_bytes_dropped: c.log_bytes_dropped.load(Ordering::Relaxed),
+            queued_log_bytes: c.queued_log_bytes.load(Ordering::Relaxed),
+            log_bytes_pruned: c.log_bytes_pruned.load(Ordering::Relaxed),
+            log_bytes: c.log_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -348,6 +406,17 @@ impl Recorder {
             if (n as i64) < PRUNE_CHUNK {
                 break;
             }
+        }
+        if stats.expired + stats.over_cap > 0 {
+            // Their logs went with them (a trigger): count again what is kept.
+            let mut w = lock(&self.writer);
+            let tx = w.conn.transaction()?;
+            let usage = LogUsage::load(&tx)?;
+            tx.commit()?;
+            self.counters
+                .log_bytes
+                .store(usage.total(), Ordering::Relaxed);
+            w.usage = usage;
         }
         Ok(stats)
     }
@@ -607,8 +676,10 @@ impl Recorder {
     }
 
     fn write_tx<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = lock(&self.writer);
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut w = lock(&self.writer);
+        let tx = w
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)
@@ -624,7 +695,18 @@ impl Recorder {
 }
 
 impl RecordSink for Recorder {
-    fn record(&self, record: InvocationRecord) {
+    fn record(&self, mut record: InvocationRecord) {
+        let c = &self.counters;
+        let mut bytes = record.logs.len() as u64;
+        let queued = c.queued_log_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if bytes > 0 && queued.saturating_add(bytes) > self.queue_bytes {
+            c.queued_log_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            c.log_bodies_dropped.fetch_add(1, Ordering::Relaxed);
+            c.log_bytes_dropped.fetch_add(bytes, Ordering::Relaxed);
+            record.logs = dropped_notice(bytes);
+            bytes = record.logs.len() as u64;
+            c.queued_log_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
         let sent = match lock(&self.tx).as_ref() {
             Some(tx) => tx.try_send(Msg::Record(Box::new(record))),
             None => Err(TrySendError::Disconnected(Msg::Flush(
@@ -632,9 +714,16 @@ impl RecordSink for Recorder {
             ))),
         };
         if sent.is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            c.queued_log_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            c.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// What a record keeps of a log body the queue had no room for: a reader of the logs
+/// learns that output is missing, and how much.
+fn dropped_notice(bytes: u64) -> String {
+    format!("[nimbus: {bytes} bytes of output dropped: the log recorder was behind]\n")
 }
 
 impl Drop for Recorder {
@@ -658,13 +747,20 @@ fn open_conn(path: &Path) -> Result<Connection> {
     // Metering is not an acknowledged write: surviving a process crash is enough.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(open_err)?;
+    // A batch of large log bodies grows the WAL; without a limit the file keeps that
+    // size after every checkpoint, outside any retention bound.
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+        .map_err(open_err)?;
     Ok(conn)
 }
 
+/// Log bytes past which the writer stops adding records to a batch: a transaction's
+/// size is what the WAL and the database file grow by before pruning frees pages.
+const MAX_BATCH_LOG_BYTES: usize = 4 * 1024 * 1024;
 /// How long the writer waits to fill a batch after the first record arrives.
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
 
-fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters, max_batch: usize) {
+fn write_loop(rx: &Receiver<Msg>, writer: &Mutex<Writer>, counters: &Counters, max_batch: usize) {
     // Ends when every sender is gone and the queue is drained.
     while let Ok(first) = rx.recv() {
         // Let a batch build up before taking it: waking per record would cost a
@@ -676,29 +772,45 @@ fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters,
         }
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
+        let mut log_bytes = 0;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Record(r) => batch.push(r),
+                Msg::Record(r) => {
+                    log_bytes += r.logs.len();
+                    batch.push(r);
+                }
                 // Everything before a flush marker is in `batch`: answer after writing.
                 Msg::Flush(done) => flushes.push(done),
             }
-            if batch.len() < max_batch {
+            if batch.len() < max_batch && log_bytes < MAX_BATCH_LOG_BYTES {
                 next = rx.try_recv().ok();
             }
         }
         if !batch.is_empty() {
             let n = batch.len() as u64;
-            match write_batch(&mut lock(conn), &batch) {
-                Ok(()) => {
+            let bytes = log_bytes as u64;
+            match write_batch(&mut lock(writer), &batch) {
+                Ok(pruned) => {
                     counters.written.fetch_add(n, Ordering::Relaxed);
                     counters.batches.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .log_bytes_pruned
+                        .fetch_add(pruned, Ordering::Relaxed);
                 }
                 Err(e) => {
                     counters.failed.fetch_add(n, Ordering::Relaxed);
                     tracing::error!(error = %e, records = n, "write invocation records");
                 }
             }
+            counters
+                .log_bytes
+                .store(lock(writer).usage.total(), Ordering::Relaxed);
+            // Only now: memory held by a batch being written counts against the bound.
+            drop(batch);
+            counters
+                .queued_log_bytes
+                .fetch_sub(bytes, Ordering::Relaxed);
         }
         for done in flushes {
             let _ = done.send(());
@@ -706,8 +818,13 @@ fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters,
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Box<InvocationRecord>]) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+/// Writes a batch and prunes log bodies back within their bounds, in one transaction.
+/// Returns the bytes pruned.
+fn write_batch(w: &mut Writer, batch: &[Box<InvocationRecord>]) -> Result<u64> {
+    let mut usage = w.usage.clone();
+    let tx = w
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut inv = tx.prepare_cached(
             "INSERT OR IGNORE INTO invocations
@@ -742,11 +859,15 @@ fn write_batch(conn: &mut Connection, batch: &[Box<InvocationRecord>]) -> Result
             // A repeated request id keeps its first record and its first logs.
             if inserted > 0 && !r.logs.is_empty() {
                 logs.execute(params![r.request_id, r.function, r.started_at_ms, r.logs])?;
+                usage.add(&r.function, r.logs.len() as u64);
             }
         }
     }
+    let pruned = usage.enforce(&tx, w.limits)?;
     tx.commit()?;
-    Ok(())
+    // Only a committed batch changes what is kept.
+    w.usage = usage;
+    Ok(pruned)
 }
 
 /// SQLite stores NaN as NULL, which the NOT NULL columns would refuse.

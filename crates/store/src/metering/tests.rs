@@ -478,3 +478,151 @@ fn nearest_rank_is_one_based_and_clamped() {
     assert_eq!(nearest_rank(1.0, 3), 1);
     assert_eq!(nearest_rank(50.0, 0), 0);
 }
+
+fn chatty(id: &str, function: &str, started_at_ms: i64, bytes: usize) -> InvocationRecord {
+    let mut r = record(id, function, started_at_ms, 1.0);
+    r.logs = "x".repeat(bytes);
+    r
+}
+
+fn kept_log_bytes(rec: &Recorder, function: Option<&str>) -> u64 {
+    rec.read(|tx| {
+        Ok(tx.query_row(
+            "SELECT coalesce(sum(octet_length(logs)), 0) FROM invocation_logs
+             WHERE ?1 IS NULL OR function = ?1",
+            [function],
+            |r| r.get::<_, i64>(0),
+        )?)
+    })
+    .expect("sum") as u64
+}
+
+#[test]
+fn a_queue_full_of_bytes_keeps_records_but_drops_their_log_bodies() {
+    let f = fixture_with(RecorderConfig {
+        queue_bytes: 3 * MB,
+        ..RecorderConfig::default()
+    });
+    // Hold the writer: everything stays queued, so only the byte bound decides.
+    let guard = lock(&f.rec.writer);
+    for i in 0..10 {
+        f.rec
+            .record(chatty(&format!("r{i}"), "chatty", NOW + i, MB as usize));
+    }
+    let s = f.rec.stats();
+    assert!(s.queued_log_bytes <= 3 * MB + 1024, "{s:?}");
+    drop(guard);
+    f.rec.flush();
+    let s = f.rec.stats();
+    assert_eq!(
+        (s.written, s.dropped),
+        (10, 0),
+        "every record is kept: {s:?}"
+    );
+    // At most 3 bodies fit, the writer may have taken one before blocking.
+    assert!((6..=7).contains(&s.log_bodies_dropped), "{s:?}");
+    assert_eq!(s.log_bytes_dropped, s.log_bodies_dropped * MB, "{s:?}");
+    assert_eq!(s.queued_log_bytes, 0, "{s:?}");
+    let last = f.rec.invocation("r9").expect("query").expect("record");
+    assert!(
+        last.logs.contains("1048576 bytes of output dropped"),
+        "{}",
+        last.logs
+    );
+    assert_eq!(count(&f.rec, "invocations"), 10);
+}
+
+#[test]
+fn log_bodies_are_kept_within_the_total_bound_oldest_first() {
+    let f = fixture_with(RecorderConfig {
+        log_retention: LogRetention {
+            max_bytes: 10 * MB,
+            max_bytes_per_function: 100 * MB,
+        },
+        ..RecorderConfig::default()
+    });
+    for i in 0..30 {
+        let function = if i % 2 == 0 { "a" } else { "b" };
+        f.rec
+            .record(chatty(&format!("r{i}"), function, NOW + i, MB as usize));
+        f.rec.flush();
+    }
+    assert_eq!(kept_log_bytes(&f.rec, None), 10 * MB);
+    let s = f.rec.stats();
+    assert_eq!(
+        (s.log_bytes, s.log_bytes_pruned),
+        (10 * MB, 20 * MB),
+        "{s:?}"
+    );
+    // The newest ten bodies are kept, every record too.
+    let kept = f
+        .rec
+        .logs(&LogQuery {
+            limit: 100,
+            ..LogQuery::default()
+        })
+        .expect("logs");
+    let ids: Vec<_> = kept.entries.iter().map(|e| e.request_id.as_str()).collect();
+    let want: Vec<String> = (20..30).map(|i| format!("r{i}")).collect();
+    assert_eq!(ids, want);
+    assert_eq!(count(&f.rec, "invocations"), 30);
+    let old = f.rec.invocation("r0").expect("query").expect("record");
+    assert_eq!(old.logs, "");
+}
+
+#[test]
+fn one_function_cannot_take_more_than_its_share() {
+    let f = fixture_with(RecorderConfig {
+        log_retention: LogRetention {
+            max_bytes: 100 * MB,
+            max_bytes_per_function: 4 * MB,
+        },
+        ..RecorderConfig::default()
+    });
+    f.rec.record(chatty("quiet", "quiet", NOW, 1000));
+    for i in 0..12 {
+        f.rec
+            .record(chatty(&format!("c{i}"), "chatty", NOW + 1 + i, MB as usize));
+        f.rec.flush();
+    }
+    assert_eq!(kept_log_bytes(&f.rec, Some("chatty")), 4 * MB);
+    assert_eq!(kept_log_bytes(&f.rec, Some("quiet")), 1000);
+    let newest = f.rec.invocation("c11").expect("query").expect("record");
+    assert_eq!(newest.logs.len(), MB as usize);
+}
+
+#[test]
+fn the_byte_tally_survives_a_reopen_and_a_prune() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nimbus.db");
+    let _store = crate::Store::open(&path).expect("open store");
+    let config = RecorderConfig {
+        log_retention: LogRetention {
+            max_bytes: 5 * MB,
+            max_bytes_per_function: 5 * MB,
+        },
+        retention: Retention {
+            max_age: Duration::from_secs(3600),
+            max_rows: 1_000,
+        },
+        ..RecorderConfig::default()
+    };
+    {
+        let rec = Recorder::open(&path, config).expect("open");
+        for i in 0..4 {
+            rec.record(chatty(&format!("old{i}"), "f", NOW + i, MB as usize));
+        }
+        rec.flush();
+    }
+    let rec = Recorder::open(&path, config).expect("reopen");
+    // Counted from the file: 4 MiB kept, so two more push one old body out.
+    for i in 0..2 {
+        rec.record(chatty(&format!("new{i}"), "f", NOW + 10 + i, MB as usize));
+    }
+    rec.flush();
+    assert_eq!(kept_log_bytes(&rec, None), 5 * MB);
+    // Expire the old records: their bodies go, and the tally follows.
+    rec.prune(NOW + 3_600_000 + 5).expect("prune");
+    assert_eq!(rec.stats().log_bytes, 2 * MB);
+    assert_eq!(kept_log_bytes(&rec, None), 2 * MB);
+}
