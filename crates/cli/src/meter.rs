@@ -12,7 +12,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use clap::Args;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use nimbus_store::{Recorder, RecorderConfig, Retention};
+use nimbus_store::{LogRetention, Recorder, RecorderConfig, Retention};
 
 /// Latency buckets (seconds) for every `*_seconds` histogram: warm invocations take
 /// milliseconds, cold starts hundreds of them, timeouts up to 15 minutes.
@@ -34,6 +34,20 @@ pub struct MeteringArgs {
     /// Keep at most this many invocation records (the oldest go first).
     #[arg(long, env = "NIMBUS_METERING_MAX_ROWS", default_value_t = 1_000_000)]
     pub metering_max_rows: u64,
+    /// Keep at most this many bytes of function logs over all functions (the oldest
+    /// go first; their invocation records stay). Default: a tenth of the data dir's
+    /// filesystem.
+    #[arg(long, env = "NIMBUS_LOG_RETENTION_BYTES")]
+    pub log_retention_bytes: Option<u64>,
+    /// Keep at most this many bytes of one function's logs. Default: a quarter of
+    /// --log-retention-bytes.
+    #[arg(long, env = "NIMBUS_LOG_RETENTION_FUNCTION_BYTES")]
+    pub log_retention_function_bytes: Option<u64>,
+    /// Bytes of function logs waiting to be written; past it, new invocations are
+    /// recorded without their logs (counted in
+    /// `nimbus_metering_log_bodies_dropped_total`).
+    #[arg(long, env = "NIMBUS_METERING_QUEUE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub metering_queue_bytes: u64,
     /// How often topic retention (age and size bounds) runs.
     #[arg(
         long,
@@ -48,16 +62,51 @@ pub struct MeteringArgs {
 pub fn open_recorder(db: &std::path::Path, args: &MeteringArgs) -> anyhow::Result<Arc<Recorder>> {
     let max_age = nimbus_core::duration::parse_duration(&args.metering_retention)
         .map_err(|e| anyhow::anyhow!("--metering-retention: {e}"))?;
+    let log_retention = log_retention(db, args)?;
+    tracing::info!(
+        total_bytes = log_retention.max_bytes,
+        per_function_bytes = log_retention.max_bytes_per_function,
+        "log retention"
+    );
     let config = RecorderConfig {
         retention: Retention {
             max_age,
             max_rows: args.metering_max_rows,
         },
+        queue_bytes: args.metering_queue_bytes,
+        log_retention,
         ..RecorderConfig::default()
     };
     Ok(Arc::new(
         Recorder::open(db, config).context("open the metering recorder")?,
     ))
+}
+
+/// The share of the data dir's filesystem that logs may take by default.
+const LOG_SHARE_OF_DISK: u64 = 10;
+/// The share of the total one function's logs may take by default.
+const LOG_SHARE_PER_FUNCTION: u64 = 4;
+
+/// The byte bounds on kept logs: the flags, or shares of the filesystem holding `db`.
+fn log_retention(db: &std::path::Path, args: &MeteringArgs) -> anyhow::Result<LogRetention> {
+    let max_bytes = match args.log_retention_bytes {
+        Some(b) => b,
+        None => {
+            let dir = db.parent().unwrap_or(db);
+            let fs = nix::sys::statvfs::statvfs(dir)
+                .with_context(|| format!("measure the filesystem of {}", dir.display()))?;
+            let size = fs.blocks().saturating_mul(fs.fragment_size());
+            size / LOG_SHARE_OF_DISK
+        }
+    };
+    let max_bytes_per_function = args
+        .log_retention_function_bytes
+        .unwrap_or(max_bytes / LOG_SHARE_PER_FUNCTION)
+        .min(max_bytes);
+    Ok(LogRetention {
+        max_bytes,
+        max_bytes_per_function,
+    })
 }
 
 /// Installs the process-wide metrics recorder; call once.
@@ -96,6 +145,11 @@ async fn render(State(st): State<MetricsState>) -> impl IntoResponse {
     metrics::counter!("nimbus_metering_records_written_total").absolute(s.written);
     metrics::counter!("nimbus_metering_records_dropped_total").absolute(s.dropped);
     metrics::counter!("nimbus_metering_records_failed_total").absolute(s.failed);
+    metrics::counter!("nimbus_metering_log_bodies_dropped_total").absolute(s.log_bodies_dropped);
+    metrics::counter!("nimbus_metering_log_bytes_dropped_total").absolute(s.log_bytes_dropped);
+    metrics::counter!("nimbus_metering_log_bytes_pruned_total").absolute(s.log_bytes_pruned);
+    metrics::gauge!("nimbus_metering_queued_log_bytes").set(s.queued_log_bytes as f64);
+    metrics::gauge!("nimbus_metering_log_bytes").set(s.log_bytes as f64);
     let e = st.events.stats();
     metrics::counter!("nimbus_eventlog_commits_total").absolute(e.commits);
     metrics::counter!("nimbus_eventlog_jobs_total").absolute(e.jobs);
