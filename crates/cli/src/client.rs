@@ -1,6 +1,6 @@
 //! The CLI verbs that talk to a running server over the control API.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
 
 use crate::build::{BuildOptions, prepare};
+use crate::term;
 use crate::{Global, Output};
 
 /// Archives above this size get a progress bar while uploading.
@@ -149,8 +150,25 @@ fn read_token(data_dir: &Path) -> Option<String> {
 }
 
 pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", json_text(&serde_json::to_string_pretty(v)?));
     Ok(())
+}
+
+/// JSON escapes C0 controls itself but passes DEL and C1 (U+0080..U+009F, where 8-bit
+/// CSI lives) through raw; they can only be inside strings, where `\u00XX` keeps the
+/// document valid and equal.
+pub(crate) fn json_text(json: &str) -> std::borrow::Cow<'_, str> {
+    if !json.contains(char::is_control) {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    json.chars()
+        .map(|c| match c {
+            '\n' | '\t' | '\r' => c.to_string(),
+            c if c.is_control() => format!("\\u{:04x}", u32::from(c)),
+            c => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }
 
 pub(crate) fn table(header: &[&str]) -> Table {
@@ -187,18 +205,19 @@ pub fn deploy(g: &Global, args: &DeployArgs) -> anyhow::Result<ExitCode> {
 
 pub fn print_deploy(resp: &DeployResponse) {
     if resp.created {
-        println!("deployed {} version {}", resp.name, resp.version);
+        outln!("deployed {} version {}", resp.name, resp.version);
     } else {
-        println!(
+        outln!(
             "{} is unchanged: still version {} (no new version created)",
-            resp.name, resp.version
+            resp.name,
+            resp.version
         );
     }
-    println!("  digest  {}", resp.digest);
-    println!("  size    {}", human_bytes(resp.size));
-    println!("  alias   live -> {}", resp.version);
+    outln!("  digest  {}", resp.digest);
+    outln!("  size    {}", human_bytes(resp.size));
+    outln!("  alias   live -> {}", resp.version);
     for w in &resp.warnings {
-        println!("  warning: {w}");
+        outln!("  warning: {w}");
     }
 }
 
@@ -216,7 +235,7 @@ pub fn deploy_dir(
     };
     let prepared = prepare(dir, &opts)?;
     if chatty {
-        eprintln!("packed {}", prepared.summary());
+        errln!("packed {}", prepared.summary());
     }
     let size = prepared.archive_bytes;
     let file = prepared.archive.reopen().context("reopen packed archive")?;
@@ -335,7 +354,7 @@ pub fn invoke(g: &Global, args: &InvokeArgs) -> anyhow::Result<ExitCode> {
         if g.output == Output::Json {
             print_json(&queued)?;
         } else {
-            println!("{}", queued.request_id);
+            outln!("{}", queued.request_id);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -351,23 +370,28 @@ pub fn invoke(g: &Global, args: &InvokeArgs) -> anyhow::Result<ExitCode> {
         print_json(&envelope)?;
     } else {
         if let Some(logs) = envelope.logs.as_deref().filter(|l| !l.is_empty()) {
-            eprint!("{logs}");
+            let mut err = std::io::stderr().lock();
+            crate::term::print_log(&mut err, logs)?;
             if !logs.ends_with('\n') {
-                eprintln!();
+                writeln!(err)?;
             }
         }
         if let Some(result) = &envelope.result {
-            println!("{}", serde_json::to_string_pretty(result)?);
+            outln!("{}", json_text(&serde_json::to_string_pretty(result)?));
         }
     }
     match &envelope.error {
         None => Ok(ExitCode::SUCCESS),
         Some(e) => {
             if g.output == Output::Table {
-                eprintln!("error: {}: {}", e.error_type, e.error_message);
+                errln!(
+                    "error: {}: {}",
+                    term::line(&e.error_type),
+                    term::line(&e.error_message)
+                );
                 if args.logs {
                     for line in &e.stack_trace {
-                        eprintln!("  {}", line.trim_end());
+                        errln!("  {}", term::line(line.trim_end()));
                     }
                 }
             }
@@ -397,7 +421,7 @@ pub fn list(g: &Global) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if fns.is_empty() {
-        println!("no functions yet: deploy one with `nimbus deploy <folder>`");
+        outln!("no functions yet: deploy one with `nimbus deploy <folder>`");
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = table(&["name", "runtime", "live", "latest", "memory", "updated"]);
@@ -411,7 +435,7 @@ pub fn list(g: &Global) -> anyhow::Result<ExitCode> {
             f.updated_at,
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -426,24 +450,24 @@ pub fn get(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let c = &f.config;
-    println!("name      {}", f.name);
-    println!("runtime   {}", c.runtime_name);
-    println!("handler   {}", c.handler);
-    println!("memory    {} MB", c.memory_mb);
-    println!(
+    outln!("name      {}", f.name);
+    outln!("runtime   {}", c.runtime_name);
+    outln!("handler   {}", c.handler);
+    outln!("memory    {} MB", c.memory_mb);
+    outln!(
         "timeout   {}",
         nimbus_core::duration::format_ms(c.timeout_ms)
     );
-    println!(
+    outln!(
         "instances max {}, min {}, idle timeout {}",
         c.concurrency.max_instances,
         c.concurrency.min_instances,
         nimbus_core::duration::format_ms(c.concurrency.idle_timeout_ms)
     );
-    println!("network   {:?}", c.network);
-    println!("versions  {} (latest)", f.latest_version);
+    outln!("network   {:?}", c.network);
+    outln!("versions  {} (latest)", f.latest_version);
     for a in &f.aliases {
-        println!("alias     {} -> {}", a.name, a.version);
+        outln!("alias     {} -> {}", a.name, a.version);
     }
     for r in &f.routes {
         let kind = if r.options.websocket {
@@ -451,7 +475,7 @@ pub fn get(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
         } else {
             ""
         };
-        println!("route     {} {}{kind} -> {}", r.method, r.path, r.alias);
+        outln!("route     {} {}{kind} -> {}", r.method, r.path, r.alias);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -480,7 +504,7 @@ pub fn versions(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
             v.created_at,
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -501,7 +525,7 @@ pub fn alias_set(g: &Global, name: &str, alias: &str, version: u32) -> anyhow::R
     if g.output == Output::Json {
         print_json(&a)?;
     } else {
-        println!("{name}: alias {} -> {}", a.name, a.version);
+        outln!("{name}: alias {} -> {}", a.name, a.version);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -520,7 +544,7 @@ pub fn alias_ls(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
     for a in aliases {
         t.add_row(vec![a.name, a.version.to_string()]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -536,9 +560,12 @@ pub fn rollback(g: &Global, name: &str, alias: &str) -> anyhow::Result<ExitCode>
     if g.output == Output::Json {
         print_json(&r)?;
     } else {
-        println!(
+        outln!(
             "{}: alias {} moved from {} back to {}",
-            r.name, r.alias, r.from, r.to
+            r.name,
+            r.alias,
+            r.from,
+            r.to
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -558,7 +585,7 @@ pub fn remove(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
     if g.output == Output::Json {
         print_json(&serde_json::json!({ "deleted": name }))?;
     } else {
-        println!("deleted {name}");
+        outln!("deleted {name}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -572,7 +599,7 @@ pub fn evict(g: &Global, name: &str) -> anyhow::Result<ExitCode> {
     if g.output == Output::Json {
         print_json(&v)?;
     } else {
-        println!("{name}: stopped {} instance(s)", v["evicted"]);
+        outln!("{name}: stopped {} instance(s)", v["evicted"]);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -617,7 +644,7 @@ pub fn routes(g: &Global) -> anyhow::Result<ExitCode> {
         };
         t.add_row(vec![method, host, r.path, target, auth, limits.join(", ")]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -33,7 +33,7 @@ pub fn run(g: &Global, cmd: CronCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             if crons.is_empty() {
-                println!("no cron triggers");
+                outln!("no cron triggers");
                 return Ok(ExitCode::SUCCESS);
             }
             let mut t = table(&[
@@ -58,7 +58,7 @@ pub fn run(g: &Global, cmd: CronCmd) -> anyhow::Result<ExitCode> {
                     last,
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         CronCmd::Trigger { function, name } => {
             let r: CronTriggerResponse = api.json(api.req(
@@ -68,9 +68,11 @@ pub fn run(g: &Global, cmd: CronCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&r)?;
             } else {
-                println!(
+                outln!(
                     "fired {}/{}: request id {}",
-                    r.function, r.name, r.request_id
+                    r.function,
+                    r.name,
+                    r.request_id
                 );
             }
         }

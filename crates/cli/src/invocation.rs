@@ -8,7 +8,10 @@ use clap::Subcommand;
 use nimbus_core::InvocationRecord;
 use nimbus_core::api::AsyncInvocationInfo;
 
-use crate::client::{Api, enc, print_json};
+use std::io::Write;
+
+use crate::client::{Api, enc, json_text, print_json};
+use crate::term::line;
 use crate::{Global, Output};
 
 #[derive(Subcommand)]
@@ -31,34 +34,55 @@ pub fn run(g: &Global, cmd: InvocationCmd) -> anyhow::Result<ExitCode> {
     // An async invocation has a queue status; a synchronous one only its record.
     if v.get("max_attempts").is_some() {
         let i: AsyncInvocationInfo = serde_json::from_value(v)?;
-        println!("request id  {}", i.request_id);
-        println!("function    {}", i.function);
-        println!("status      {}", i.status);
-        println!("source      {}", i.source);
-        println!("attempts    {} of {}", i.attempts, i.max_attempts);
-        println!("created     {}", i.created_at);
-        println!("updated     {}", i.updated_at);
+        outln!("request id  {}", line(&i.request_id));
+        outln!("function    {}", line(&i.function));
+        outln!("status      {}", line(&i.status));
+        outln!("source      {}", line(&i.source));
+        outln!("attempts    {} of {}", i.attempts, i.max_attempts);
+        outln!("created     {}", i.created_at);
+        outln!("updated     {}", i.updated_at);
         if let Some(n) = &i.next_attempt_at {
-            println!("next try    {n}");
+            outln!("next try    {n}");
         }
         if let Some(e) = &i.error {
-            println!("last error  {e}");
+            outln!("last error  {}", line(e));
         }
         if let Some(t) = &i.on_success {
-            println!("on success  {t}");
+            outln!("on success  {}", line(t));
         }
         if let Some(t) = &i.on_failure {
-            println!("on failure  {t}");
+            outln!("on failure  {}", line(t));
         }
         if let Some(r) = &i.result {
-            println!("result      {}", serde_json::to_string(r)?);
+            outln!("result      {}", json_text(&serde_json::to_string(r)?));
+        }
+        if let Some(r) = &i.record {
+            print_logs(&r.logs)?;
         }
     } else {
         let r: InvocationRecord = serde_json::from_value(v)?;
-        println!("request id  {}", r.request_id);
-        println!("function    {} (version {})", r.function, r.version);
-        println!("status      {}", r.status);
-        println!("duration    {:.1} ms", r.duration_ms);
+        outln!("request id  {}", line(&r.request_id));
+        outln!("function    {} (version {})", line(&r.function), r.version);
+        outln!("status      {}", line(&r.status));
+        if let Some(t) = &r.error_type {
+            outln!("error type  {}", line(t));
+        }
+        outln!("duration    {:.1} ms", r.duration_ms);
+        print_logs(&r.logs)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The function's output, under the fields.
+fn print_logs(logs: &str) -> anyhow::Result<()> {
+    if logs.is_empty() {
+        return Ok(());
+    }
+    outln!("logs");
+    let mut out = std::io::stdout().lock();
+    crate::term::print_log(&mut out, logs)?;
+    if !logs.ends_with('\n') {
+        writeln!(out)?;
+    }
+    Ok(())
 }

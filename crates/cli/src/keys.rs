@@ -54,22 +54,23 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&created)?;
             } else {
-                println!(
+                outln!(
                     "created API key {} (id {})",
-                    created.info.name, created.info.id
+                    created.info.name,
+                    created.info.id
                 );
-                println!("  scopes   {}", created.info.scopes.join(" "));
+                outln!("  scopes   {}", created.info.scopes.join(" "));
                 if let Some(r) = created.info.rate {
-                    println!("  rate     {r}");
+                    outln!("  rate     {r}");
                 }
                 if let Some(q) = created.info.quota {
-                    println!("  quota    {q}");
+                    outln!("  quota    {q}");
                 }
                 if let Some(t) = created.info.expires_at_ms {
-                    println!("  expires  {}", when(t));
+                    outln!("  expires  {}", when(t));
                 }
-                println!("  key      {}", created.key);
-                println!("store it now: it is not shown again");
+                outln!("  key      {}", created.key);
+                outln!("store it now: it is not shown again");
             }
         }
         KeysCmd::Ls => {
@@ -79,7 +80,7 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             if list.is_empty() {
-                println!("no API keys");
+                outln!("no API keys");
                 return Ok(ExitCode::SUCCESS);
             }
             let mut t = table(&[
@@ -103,7 +104,7 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
                     },
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         KeysCmd::Revoke { name } => {
             let k: ApiKeyInfo =
@@ -111,7 +112,7 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&k)?;
             } else {
-                println!("revoked API key {} (id {})", k.name, k.id);
+                outln!("revoked API key {} (id {})", k.name, k.id);
             }
         }
     }

@@ -11,6 +11,10 @@
 //! instance.
 #![forbid(unsafe_code)]
 
+// First: its printing macros are used by every verb below.
+#[macro_use]
+mod term;
+
 mod build;
 mod client;
 mod cron;
@@ -70,6 +74,10 @@ pub struct Global {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Print what functions and the server sent as is, control characters and escape
+    /// sequences included (by default they are shown escaped, e.g. `\x1b`).
+    #[arg(long, global = true)]
+    pub raw: bool,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -195,10 +203,11 @@ fn main() -> ExitCode {
             };
         }
     };
+    term::set_raw(cli.global.raw);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            errln!("error: {}", term::line(&one_line(&e)));
             ExitCode::FAILURE
         }
     }

@@ -103,7 +103,7 @@ pub fn run(g: &Global, cmd: RouteCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&r)?;
             } else {
-                println!("added route {} -> {}", r.route_key(), r.target());
+                outln!("added route {} -> {}", r.route_key(), r.target());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -118,7 +118,7 @@ pub fn run(g: &Global, cmd: RouteCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&r)?;
             } else {
-                println!("removed route {}", r.route_key());
+                outln!("removed route {}", r.route_key());
             }
             Ok(ExitCode::SUCCESS)
         }

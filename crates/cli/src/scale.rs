@@ -41,9 +41,11 @@ pub fn scale(g: &Global, args: &ScaleArgs) -> anyhow::Result<ExitCode> {
     if g.output == Output::Json {
         print_json(&v)?;
     } else {
-        println!(
+        outln!(
             "{}: min {} max {} instances",
-            args.name, v["min_instances"], v["max_instances"]
+            args.name,
+            v["min_instances"],
+            v["max_instances"]
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -61,7 +63,7 @@ pub fn instances(g: &Global, function: Option<&str>) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::SUCCESS);
     }
     if list.is_empty() {
-        println!("no instances running");
+        outln!("no instances running");
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = table(&[
@@ -81,7 +83,7 @@ pub fn instances(g: &Global, function: Option<&str>) -> anyhow::Result<ExitCode>
             },
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(ExitCode::SUCCESS)
 }
 

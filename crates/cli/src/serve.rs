@@ -116,9 +116,12 @@ pub fn run(args: ServeArgs, g: &Global) -> anyhow::Result<ExitCode> {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Escaped at the writer, so every field of every event is, whoever logs it; the
+    // formatter's own colours would be escaped too, so there are none.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(false)
+        .with_writer(crate::term::Escaping(std::io::stderr));
     if format == "json" {
         builder.json().init();
     } else {

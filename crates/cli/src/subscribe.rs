@@ -61,21 +61,21 @@ pub enum SubscriptionCmd {
 
 fn show(s: &SubscriptionInfo) {
     let p = &s.spec;
-    println!("subscription  {}", p.name);
-    println!("topic         {}", p.topic);
-    println!("function      {} (alias {})", p.function, p.alias);
-    println!("filter        {}", p.filter);
-    println!("batch         {}", p.batch);
-    println!("max attempts  {}", p.max_attempts);
-    println!(
+    outln!("subscription  {}", p.name);
+    outln!("topic         {}", p.topic);
+    outln!("function      {} (alias {})", p.function, p.alias);
+    outln!("filter        {}", p.filter);
+    outln!("batch         {}", p.batch);
+    outln!("max attempts  {}", p.max_attempts);
+    outln!(
         "max age       {}",
         nimbus_core::duration::format_ms(p.max_age_ms.max(0) as u64)
     );
-    println!("dead letter   {}", p.dead_letter.as_deref().unwrap_or("-"));
-    println!("ordered       {}", p.ordered);
-    println!("source        {}", s.source);
-    println!("cursor        {}", s.cursor);
-    println!("lag           {} ({} retrying)", s.lag, s.retrying);
+    outln!("dead letter   {}", p.dead_letter.as_deref().unwrap_or("-"));
+    outln!("ordered       {}", p.ordered);
+    outln!("source        {}", s.source);
+    outln!("cursor        {}", s.cursor);
+    outln!("lag           {} ({} retrying)", s.lag, s.retrying);
 }
 
 pub fn subscribe(g: &Global, a: &SubscribeArgs) -> anyhow::Result<ExitCode> {
@@ -106,9 +106,12 @@ pub fn subscribe(g: &Global, a: &SubscribeArgs) -> anyhow::Result<ExitCode> {
     if g.output == Output::Json {
         print_json(&s)?;
     } else {
-        println!(
+        outln!(
             "subscribed {} to {} as {} (from offset {})",
-            s.spec.function, s.spec.topic, s.spec.name, s.cursor
+            s.spec.function,
+            s.spec.topic,
+            s.spec.name,
+            s.cursor
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -124,7 +127,7 @@ pub fn run(g: &Global, cmd: SubscriptionCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&list)?;
             } else if list.is_empty() {
-                println!("no subscriptions");
+                outln!("no subscriptions");
             } else {
                 let mut tbl = table(&["subscription", "topic", "function", "lag", "source"]);
                 for s in list {
@@ -136,7 +139,7 @@ pub fn run(g: &Global, cmd: SubscriptionCmd) -> anyhow::Result<ExitCode> {
                         s.source.clone(),
                     ]);
                 }
-                println!("{tbl}");
+                outln!("{tbl}");
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -146,7 +149,7 @@ pub fn run(g: &Global, cmd: SubscriptionCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&s)?;
             } else {
-                println!("deleted subscription {}", s.spec.name);
+                outln!("deleted subscription {}", s.spec.name);
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -156,7 +159,7 @@ pub fn run(g: &Global, cmd: SubscriptionCmd) -> anyhow::Result<ExitCode> {
                     .json(&ResetSubscriptionRequest { to, offset }),
             )?;
             if g.output != Output::Json {
-                println!("reset {} to offset {}", s.spec.name, s.cursor);
+                outln!("reset {} to offset {}", s.spec.name, s.cursor);
                 return Ok(ExitCode::SUCCESS);
             }
             s

@@ -88,18 +88,18 @@ fn duration(ms: i64) -> String {
 }
 
 fn show(t: &TopicInfo) {
-    println!("topic      {}", t.name);
-    println!("retention  {}", duration(t.settings.retention_ms));
-    println!("max bytes  {}", human_bytes(t.settings.max_bytes));
-    println!("dedup      {}", duration(t.settings.dedup_window_ms));
-    println!("events     {} ({})", t.count, human_bytes(t.bytes));
-    println!(
+    outln!("topic      {}", t.name);
+    outln!("retention  {}", duration(t.settings.retention_ms));
+    outln!("max bytes  {}", human_bytes(t.settings.max_bytes));
+    outln!("dedup      {}", duration(t.settings.dedup_window_ms));
+    outln!("events     {} ({})", t.count, human_bytes(t.bytes));
+    outln!(
         "offsets    {}..{}",
         t.oldest_offset.unwrap_or(t.next_offset),
         t.next_offset
     );
-    println!("oldest     {}", when(t.oldest_at_ms));
-    println!("newest     {}", when(t.newest_at_ms));
+    outln!("oldest     {}", when(t.oldest_at_ms));
+    outln!("newest     {}", when(t.newest_at_ms));
 }
 
 pub fn run(g: &Global, cmd: TopicCmd) -> anyhow::Result<ExitCode> {
@@ -123,7 +123,7 @@ pub fn run(g: &Global, cmd: TopicCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&t)?;
             } else {
-                println!("created topic {}", t.name);
+                outln!("created topic {}", t.name);
             }
         }
         TopicCmd::Ls => {
@@ -133,7 +133,7 @@ pub fn run(g: &Global, cmd: TopicCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             if list.is_empty() {
-                println!("no topics");
+                outln!("no topics");
                 return Ok(ExitCode::SUCCESS);
             }
             let mut tbl = table(&["topic", "events", "size", "retention", "newest"]);
@@ -146,7 +146,7 @@ pub fn run(g: &Global, cmd: TopicCmd) -> anyhow::Result<ExitCode> {
                     when(t.newest_at_ms),
                 ]);
             }
-            println!("{tbl}");
+            outln!("{tbl}");
         }
         TopicCmd::Get { name } | TopicCmd::Stats { name } => {
             let t: serde_json::Value =
@@ -158,7 +158,7 @@ pub fn run(g: &Global, cmd: TopicCmd) -> anyhow::Result<ExitCode> {
                 show(&info);
                 if let Some(subs) = t.get("subscriptions").and_then(|s| s.as_array()) {
                     for s in subs {
-                        println!(
+                        outln!(
                             "subscription {} -> {}: lag {}",
                             s["name"].as_str().unwrap_or("?"),
                             s["function"].as_str().unwrap_or("?"),
@@ -176,7 +176,7 @@ pub fn run(g: &Global, cmd: TopicCmd) -> anyhow::Result<ExitCode> {
             if g.output == Output::Json {
                 print_json(&t)?;
             } else {
-                println!("deleted topic {} ({} events)", t.name, t.count);
+                outln!("deleted topic {} ({} events)", t.name, t.count);
             }
         }
     }
@@ -228,12 +228,13 @@ pub fn publish(g: &Global, args: &PublishArgs) -> anyhow::Result<ExitCode> {
     } else {
         for r in &answer.results {
             if r.duplicate {
-                println!(
+                outln!(
                     "duplicate of event {} at offset {} (not stored again)",
-                    r.id, r.offset
+                    r.id,
+                    r.offset
                 );
             } else {
-                println!("published event {} at offset {}", r.id, r.offset);
+                outln!("published event {} at offset {}", r.id, r.offset);
             }
         }
     }

@@ -83,7 +83,7 @@ pub fn usage(g: &Global, args: &UsageArgs) -> anyhow::Result<ExitCode> {
 
 fn print_usage(u: &UsageResponse, since: &str) {
     if u.usage.is_empty() {
-        println!("no invocations in the last {since}");
+        outln!("no invocations in the last {since}");
         return;
     }
     let mut header = vec!["function"];
@@ -124,12 +124,12 @@ fn print_usage(u: &UsageResponse, since: &str) {
         ]);
         t.add_row(row);
     }
-    println!("{t}");
+    outln!("{t}");
 }
 
 fn print_recommendations(r: &RecommendationsResponse, since: &str) {
     if r.recommendations.is_empty() {
-        println!("no invocations in the last {since}");
+        outln!("no invocations in the last {since}");
         return;
     }
     let mut t = table(&[
@@ -165,7 +165,7 @@ fn print_recommendations(r: &RecommendationsResponse, since: &str) {
             rec.reason.clone(),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
 }
 
 /// GB-seconds of short invocations are tiny: keep the significant digits.
@@ -247,12 +247,15 @@ fn print_entries(entries: &[LogEntry], output: Output) -> std::io::Result<()> {
     for e in entries {
         if output == Output::Json {
             let line = serde_json::to_string(e).map_err(std::io::Error::other)?;
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", crate::client::json_text(&line))?;
             continue;
         }
         let time = format_time(e.started_at_ms, "%Y-%m-%dT%H:%M:%S%.3fZ");
+        let id = crate::term::line(&e.request_id);
         for line in e.logs.lines() {
-            writeln!(out, "{time} {} {line}", e.request_id)?;
+            write!(out, "{time} {id} ")?;
+            crate::term::print_log(&mut out, line)?;
+            writeln!(out)?;
         }
     }
     out.flush()

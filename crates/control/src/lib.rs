@@ -227,7 +227,14 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         let ingested = st2
             .artifacts
             .ingest(&tmp_path, &st2.unpack_limits)
-            .map_err(ApiError::from_artifacts)?;
+            .map_err(|e| {
+                // A hostile upload is worth an operator's attention; the entry name in
+                // it is escaped by the server's log writer.
+                if matches!(e, nimbus_artifacts::Error::UnsafeEntry { .. }) {
+                    tracing::warn!(error = %e, "deploy refused: unsafe archive");
+                }
+                ApiError::from_artifacts(e)
+            })?;
         let text = ingested.manifest.as_deref().ok_or_else(|| {
             ApiError::InvalidManifest(format!(
                 "the archive has no {MANIFEST_FILE} at its root"
