@@ -332,7 +332,11 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             for dir in dirs {
                 match crate::client::deploy_dir(&g2, &dir, false, false) {
                     Ok(resp) => crate::client::print_deploy(&resp),
-                    Err(e) => eprintln!("error: deploy {}: {}", dir.display(), crate::one_line(&e)),
+                    Err(e) => errln!(
+                        "error: deploy {}: {}",
+                        dir.display(),
+                        crate::term::line(&crate::one_line(&e))
+                    ),
                 }
             }
         });
