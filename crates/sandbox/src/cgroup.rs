@@ -134,6 +134,48 @@ pub(crate) fn reap_stale(parents: &[PathBuf]) -> usize {
     total - dirs.len()
 }
 
+/// An empty v1 freezer cgroup kept frozen while the host lives. The v1 freezer turns a
+/// kernel-wide static key on when the first cgroup on the machine starts freezing and
+/// off when the last one thaws, and flipping it patches kernel text: about 80 us per
+/// freeze and 90 us per thaw when an instance is the only frozen cgroup, against 6 and
+/// 12 us while any other cgroup stays frozen. Idle instances are frozen and thawed on
+/// every warm invocation, so one pinned cgroup keeps them on the cheap path. v2's
+/// freezer has no such key.
+#[derive(Debug)]
+pub(crate) struct FreezerPin(PathBuf);
+
+/// Not an instance id: those are `<function>-<version>-<suffix>` or `stem-<suffix>`.
+const FREEZER_PIN: &str = "freezer-pin";
+
+impl FreezerPin {
+    /// `None` on v2, without a v1 freezer, or when it cannot be made (then only the
+    /// fast path is lost).
+    pub(crate) fn create(layout: &Layout, parent: &str) -> Option<FreezerPin> {
+        let Layout::V1 {
+            freezer: Some(f), ..
+        } = layout
+        else {
+            return None;
+        };
+        let dir = f.base.join(parent).join(FREEZER_PIN);
+        if let Err(e) = fs::create_dir(&dir)
+            && e.kind() != io::ErrorKind::AlreadyExists
+        {
+            return None;
+        }
+        let pin = FreezerPin(dir);
+        fs::write(pin.0.join("freezer.state"), "FROZEN").ok()?;
+        Some(pin)
+    }
+}
+
+impl Drop for FreezerPin {
+    fn drop(&mut self) {
+        let _ = fs::write(self.0.join("freezer.state"), "THAWED");
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
 /// Removes the parent dirs if nothing is left in them; silently keeps them otherwise
 /// (another host in the same process tree may still use them).
 pub(crate) fn remove_parent(dirs: &[PathBuf]) {
@@ -900,6 +942,24 @@ mod tests {
         assert_eq!(text(root.join("nb/v/cgroup.freeze")), "1");
         cg.resume().expect("resume");
         assert_eq!(text(root.join("nb/v/cgroup.freeze")), "0");
+    }
+
+    #[test]
+    fn freezer_pin_freezes_an_empty_v1_cgroup_and_thaws_it_at_drop() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), true);
+        create_parent(&layout, "nb").expect("parent");
+        let pin = FreezerPin::create(&layout, "nb").expect("pin");
+        let state = tmp.path().join("freezer/nb/freezer-pin/freezer.state");
+        assert_eq!(text(state.clone()), "FROZEN");
+        drop(pin);
+        // cgroupfs would let the rmdir through; a plain dir keeps its file.
+        assert_eq!(text(state), "THAWED");
+        assert!(FreezerPin::create(&v1_layout(&tmp.path().join("x"), false), "nb").is_none());
+        let v2 = Layout::V2 {
+            root: tmp.path().to_path_buf(),
+        };
+        assert!(FreezerPin::create(&v2, "nb").is_none());
     }
 
     #[test]

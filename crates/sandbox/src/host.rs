@@ -53,10 +53,14 @@ struct Shared {
     config: HostConfig,
     layout: Option<Layout>,
     parent_dirs: Vec<PathBuf>,
+    /// Keeps the v1 freezer's fast path on while this host lives (see `FreezerPin`).
+    freezer_pin: Option<cgroup::FreezerPin>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // The pin is a child of the parent: it must go first.
+        drop(self.freezer_pin.take());
         cgroup::remove_parent(&self.parent_dirs);
     }
 }
@@ -121,6 +125,7 @@ impl Host {
                     config,
                     layout: None,
                     parent_dirs: Vec::new(),
+                    freezer_pin: None,
                 }),
                 slirp4netns: None,
                 stems: false,
@@ -148,11 +153,13 @@ impl Host {
                 "removed instance cgroups left by an earlier run"
             );
         }
+        let freezer_pin = cgroup::FreezerPin::create(&layout, &config.parent);
         let host = Host {
             shared: Arc::new(Shared {
                 config,
                 layout: Some(layout),
                 parent_dirs,
+                freezer_pin,
             }),
             slirp4netns: find_slirp4netns(),
             stems: stem::supported(),
