@@ -145,6 +145,8 @@ pub(crate) fn reap_stale(parents: &[PathBuf]) -> usize {
 pub(crate) struct FreezerPin(PathBuf);
 
 /// Not an instance id: those are `<function>-<version>-<suffix>` or `stem-<suffix>`.
+/// The host's pid follows, so a pin left by a killed server (reaped at the next
+/// start-up like its instances) is never mistaken for the new server's.
 const FREEZER_PIN: &str = "freezer-pin";
 
 impl FreezerPin {
@@ -157,7 +159,10 @@ impl FreezerPin {
         else {
             return None;
         };
-        let dir = f.base.join(parent).join(FREEZER_PIN);
+        let dir = f
+            .base
+            .join(parent)
+            .join(format!("{FREEZER_PIN}-{}", std::process::id()));
         if let Err(e) = fs::create_dir(&dir)
             && e.kind() != io::ErrorKind::AlreadyExists
         {
@@ -950,7 +955,10 @@ mod tests {
         let layout = v1_layout(tmp.path(), true);
         create_parent(&layout, "nb").expect("parent");
         let pin = FreezerPin::create(&layout, "nb").expect("pin");
-        let state = tmp.path().join("freezer/nb/freezer-pin/freezer.state");
+        let state = tmp.path().join(format!(
+            "freezer/nb/freezer-pin-{}/freezer.state",
+            std::process::id()
+        ));
         assert_eq!(text(state.clone()), "FROZEN");
         drop(pin);
         // cgroupfs would let the rmdir through; a plain dir keeps its file.
