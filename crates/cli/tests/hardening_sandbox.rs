@@ -117,10 +117,12 @@ fn leaks_keep_working(s: &Server, function: &str) {
 }
 
 #[test]
-fn orphans_are_reaped_in_a_fresh_python_instance() {
+fn orphans_are_reaped_in_fresh_python_and_exec_instances() {
     let s = Server::start_args(&["--stem-cells", "0"]);
     deploy(&s, "sandbox-zombies-py");
+    deploy(&s, "sandbox-zombies-exec");
     leaks_keep_working(&s, "zombies-py");
+    leaks_keep_working(&s, "zombies-exec");
 }
 
 /// Waits until the maintainer reports a ready stem cell for `runtime`, so the next
