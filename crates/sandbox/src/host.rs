@@ -53,10 +53,14 @@ struct Shared {
     config: HostConfig,
     layout: Option<Layout>,
     parent_dirs: Vec<PathBuf>,
+    /// Keeps the v1 freezer's fast path on while this host lives (see `FreezerPin`).
+    freezer_pin: Option<cgroup::FreezerPin>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // The pin is a child of the parent: it must go first.
+        drop(self.freezer_pin.take());
         cgroup::remove_parent(&self.parent_dirs);
     }
 }
@@ -121,6 +125,7 @@ impl Host {
                     config,
                     layout: None,
                     parent_dirs: Vec::new(),
+                    freezer_pin: None,
                 }),
                 slirp4netns: None,
                 stems: false,
@@ -148,11 +153,13 @@ impl Host {
                 "removed instance cgroups left by an earlier run"
             );
         }
+        let freezer_pin = cgroup::FreezerPin::create(&layout, &config.parent);
         let host = Host {
             shared: Arc::new(Shared {
                 config,
                 layout: Some(layout),
                 parent_dirs,
+                freezer_pin,
             }),
             slirp4netns: find_slirp4netns(),
             stems: stem::supported(),
@@ -695,6 +702,51 @@ impl Instance {
         match &self.cgroup {
             Some(cg) => cg.set_pids_max(pids_max),
             None => Ok(()),
+        }
+    }
+
+    /// Stops everything in the instance between invocations, so nothing a function
+    /// left behind (a detached child, a thread, a timer) runs unbilled. With a cgroup
+    /// freezer (v1 `freezer`, v2 `cgroup.freeze`) the whole instance is frozen until
+    /// [`Instance::resume`]; the call only asks for the freeze, it does not wait for
+    /// it to settle. Without one, every process but init, pid 1 and the program is
+    /// SIGKILLed instead (the program's own threads are not stopped then). A no-op
+    /// without a sandbox.
+    pub fn suspend(&self) -> Result<(), Error> {
+        let Some(cg) = &self.cgroup else {
+            return Ok(());
+        };
+        if !cg.suspend()? {
+            self.kill_strays(cg);
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Instance::suspend`]: when it returns, the instance runs again and may
+    /// be sent its next invocation.
+    pub fn resume(&self) -> Result<(), Error> {
+        match &self.cgroup {
+            Some(cg) => cg.resume(),
+            None => Ok(()),
+        }
+    }
+
+    /// The no-freezer fallback of [`Instance::suspend`]: processes that are not init,
+    /// its pid 1 (the reaper) or pid 2 (the program) are a function's leftovers. Only
+    /// a process whose status names it as nested deeper is killed, so a pid freed and
+    /// reused outside the instance meanwhile is never hit.
+    fn kill_strays(&self, cg: &InstanceCgroup) {
+        let init = self.child.id() as i32;
+        let proc_root = &self._shared.config.proc_root;
+        for pid in cg.pids().into_iter().filter(|p| *p != init) {
+            let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status"));
+            let ns_pid = status.ok().as_deref().and_then(cgroup::innermost_ns_pid);
+            if ns_pid.is_some_and(|n| n > 2) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
     }
 

@@ -8,13 +8,17 @@
 //! outer init (host pid ns)         inner (pid 1 of the new pid ns)
 //!   compile seccomp filter           close fd 4 and the signalfd;
 //!   join cgroups                     make / private; rootfs + pivot_root (or fresh /proc)
-//!   unshare(NS|PID|NET|IPC|UTS)      restore oom_score_adj, hostname, lo up
-//!   chdir / (the pivot moves it)     rlimits, drop bounding/ambient/inheritable caps,
-//!   egress: 'U' on fd 4, wait 'G'    setgroups([]), setresgid, setresuid, clear caps,
-//!   block TERM/INT/CHLD, signalfd    verify, PDEATHSIG again, NO_NEW_PRIVS, chdir,
-//!   fork ───────────────────────────>  seccomp (last), execve(program)
+//!   unshare(NS|PID|NET|IPC|UTS)      hostname, lo up
+//!   chdir / (the pivot moves it)     fork ──────────────> program (pid 2): restore
+//!   egress: 'U' on fd 4, wait 'G'    drop to the uid,      oom_score_adj and signals,
+//!   block TERM/INT/CHLD, signalfd    no caps, seccomp,     rlimits, drop caps, setgroups,
+//!   fork ───────────────────────>    close every fd;       setresgid/uid, verify,
+//!                                    reap every child,     PDEATHSIG, NO_NEW_PRIVS,
+//!                                    forward TERM/INT,     chdir, seccomp (last),
+//!                                    exit with the         execve(program)
+//!                                    program's status (reaper.rs)
 //!   poll: signalfd (forward TERM/INT, reap) and, for a stem cell, fd 4 (assignments);
-//!   exit with the child's status (128+signo when signalled)
+//!   exit with pid 1's status (128+signo when signalled)
 //! ```
 //!
 //! Fd 4 ([`INIT_FD`]) is a `SOCK_SEQPACKET` socket to the host, present for egress
@@ -56,9 +60,9 @@ pub(crate) const INIT_FD: i32 = 4;
 pub const SETUP_FAILED_EXIT: i32 = 125;
 
 /// A failed step: `"<step>: <error>"` is what the host sees.
-struct Failure(String);
+pub(crate) struct Failure(pub(crate) String);
 
-fn step<T, E: Display>(name: &str, r: Result<T, E>) -> Result<T, Failure> {
+pub(crate) fn step<T, E: Display>(name: &str, r: Result<T, E>) -> Result<T, Failure> {
     r.map_err(|e| Failure(format!("{name}: {e}")))
 }
 
@@ -273,51 +277,78 @@ fn serve_request(sock: BorrowedFd, stem: &mut StemState) -> bool {
     stem::send(sock, &stem::reply(&result), None).is_ok()
 }
 
-/// Pid 1 of the new namespaces. Only returns on failure.
+/// Pid 1 of the new namespaces: sets up the instance, then forks the program and stays
+/// as its reaper ([`crate::reaper`]). Only returns on failure (in pid 1 before the fork,
+/// or in the program's process before its execve).
 fn inner(spec: &InitSpec, exec: &Exec, old_mask: &SigSet, oom_adj: Option<&str>) -> Failure {
-    let r = (|| -> Result<(), Failure> {
-        // The supervisor is single-threaded, so "parent died" is exactly "supervisor died".
-        // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-            return Err(Failure(format!(
-                "set parent death signal: {}",
-                std::io::Error::last_os_error()
-            )));
+    if let Err(f) = set_up_instance(spec) {
+        return f;
+    }
+    // SAFETY: pid 1 is single-threaded (a fork of the single-threaded supervisor), so
+    // the child may allocate and run arbitrary code after fork.
+    match unsafe { fork() } {
+        Err(e) => Failure(format!("fork the program: {e}")),
+        Ok(ForkResult::Child) => program(spec, exec, old_mask, oom_adj),
+        Ok(ForkResult::Parent { child }) => {
+            let code = crate::reaper::run(child, spec, exec.seccomp.as_ref());
+            // SAFETY: _exit skips atexit handlers and stdio flushing that belong to the
+            // supervisor's copy of this process.
+            unsafe { libc::_exit(code) }
         }
-        step(
-            "make mounts private",
+    }
+}
+
+/// Everything pid 1 does while still privileged: mounts, root, hostname, loopback.
+fn set_up_instance(spec: &InitSpec) -> Result<(), Failure> {
+    // The supervisor is single-threaded, so "parent died" is exactly "supervisor died".
+    prctl(
+        "set parent death signal",
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+    )?;
+    step(
+        "make mounts private",
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ),
+    )?;
+    match &spec.isolation.rootfs {
+        Some(rootfs) => step(
+            "enter rootfs",
+            crate::rootfs::enter(rootfs, &spec.etc_files),
+        )?,
+        None => step(
+            "mount /proc",
             mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                Some("proc"),
+                "/proc",
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
                 None::<&str>,
             ),
-        )?;
-        match &spec.isolation.rootfs {
-            Some(rootfs) => step(
-                "enter rootfs",
-                crate::rootfs::enter(rootfs, &spec.etc_files),
-            )?,
-            None => step(
-                "mount /proc",
-                mount(
-                    Some("proc"),
-                    "/proc",
-                    Some("proc"),
-                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                    None::<&str>,
-                ),
-            )?,
-        }
+        )?,
+    }
+    step("set hostname", sethostname(&spec.isolation.hostname))?;
+    step("bring up lo", loopback_up())
+}
+
+/// The program's process (pid 2): the signal state and OOM score every program starts
+/// with, then privileges, seccomp and execve. Only returns on failure.
+fn program(spec: &InitSpec, exec: &Exec, old_mask: &SigSet, oom_adj: Option<&str>) -> Failure {
+    let r = (|| -> Result<(), Failure> {
+        // Pid 1 keeps the supervisor's -1000 (the OOM killer must pick the program,
+        // never its reaper); raising it back needs no privilege, but /proc/self stops
+        // being ours to write once the uid changes, so it happens here.
         if let Some(adj) = oom_adj {
             step(
                 "restore oom_score_adj",
                 std::fs::write("/proc/self/oom_score_adj", adj.trim()),
             )?;
         }
-        step("set hostname", sethostname(&spec.isolation.hostname))?;
-        step("bring up lo", loopback_up())?;
         for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
             // SAFETY: restoring the default disposition installs no handler.
             step("reset signals", unsafe {
@@ -354,7 +385,7 @@ fn network_handshake(sock: BorrowedFd) -> Result<(), String> {
     }
 }
 
-fn prctl(what: &str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), Failure> {
+pub(crate) fn prctl(what: &str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), Failure> {
     // SAFETY: the prctl operations used here take integer arguments only.
     if unsafe { libc::prctl(op, arg, 0, 0, 0) } != 0 {
         return Err(Failure(format!(
@@ -367,7 +398,7 @@ fn prctl(what: &str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), Failure>
 
 /// Drops every capability and becomes `uid`/`gid`, keeping the parent-death signal and
 /// setting no_new_privs. The bounding set goes first: dropping it needs CAP_SETPCAP.
-fn drop_privileges(uid: u32, gid: u32) -> Result<(), Failure> {
+pub(crate) fn drop_privileges(uid: u32, gid: u32) -> Result<(), Failure> {
     use caps::CapSet;
     // Walk every bit, not just the caps this build knows: newer kernels add more.
     for cap in 0..64 {
@@ -596,7 +627,7 @@ pub(crate) fn setup_failed_frame(message: &str) -> Vec<u8> {
     frame
 }
 
-fn report_failure(message: &str) {
+pub(crate) fn report_failure(message: &str) {
     eprintln!("nimbus sandbox: {message}");
     let frame = setup_failed_frame(message);
     // SAFETY: fd 3 is the control socket handed to us by the host (or not open, in which

@@ -18,8 +18,10 @@
 //! Process model: the host spawns `<init_exe> __sandbox-init` with stdin `/dev/null`,
 //! stdout and stderr on one pipe, fd 3 a Unix stream socket, and the spec as JSON in
 //! `NIMBUS_SANDBOX_SPEC` (see `spec::InitSpec`). Init joins the instance's cgroups,
-//! unshares namespaces, forks the program as pid 1 of the new pid namespace and waits
-//! for it, exiting with its status (128+signo when it was killed by a signal). Egress
+//! unshares namespaces and forks pid 1 of the new pid namespace, which sets up the
+//! instance, forks the program (pid 2) and stays as its reaper (`reaper.rs`); init waits
+//! for pid 1 and exits with the program's status (128+signo when it was killed by a
+//! signal). Egress
 //! instances and stem cells also get fd 4, a socket to init (never to the program) on
 //! which init says `U` once it is in its network namespace and waits for the host's `G`
 //! (slirp4netns up) before forking.
@@ -35,6 +37,7 @@ mod cgroup;
 mod host;
 mod init;
 mod mountinfo;
+mod reaper;
 mod rootfs;
 mod seccomp;
 mod spec;

@@ -45,6 +45,29 @@ const READONLY_PROC: [&str; 6] = ["sys", "sysrq-trigger", "irq", "bus", "fs", "d
 
 const SHM_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
+/// One inode per 16 KiB of scratch space, ext4's default ratio (Lambda's `/tmp` is
+/// ext4). Each tmpfs inode and its dentry cost about 1 KiB of kernel memory charged to
+/// the instance's memory cgroup, and tmpfs's own default (half the host's RAM in
+/// pages) would let empty files exhaust `memory_mb` long before `size=` is reached:
+/// the cap turns that into `ENOSPC`.
+const BYTES_PER_INODE: u64 = 16 * 1024;
+
+/// Enough inodes for a tiny scratch space to hold a few hundred small files.
+const MIN_INODES: u64 = 256;
+
+/// `/dev/shm` takes half of `/tmp`'s size (at most [`SHM_MAX_BYTES`]), so the two
+/// scratch mounts together stay within three quarters of the memory `/tmp` was sized
+/// from (half of `memory_mb`), leaving the rest for the program itself.
+pub(crate) fn shm_bytes(tmp_bytes: u64) -> u64 {
+    (tmp_bytes / 2).min(SHM_MAX_BYTES)
+}
+
+/// `size=` and `nr_inodes=` of a scratch tmpfs of `bytes`.
+pub(crate) fn scratch_options(bytes: u64) -> String {
+    let inodes = (bytes / BYTES_PER_INODE).max(MIN_INODES);
+    format!("size={bytes},nr_inodes={inodes}")
+}
+
 type R<T> = Result<T, String>;
 
 fn ctx<T, E: std::fmt::Display>(what: impl FnOnce() -> String, r: Result<T, E>) -> R<T> {
@@ -279,7 +302,7 @@ pub(crate) fn enter(rootfs: &Rootfs, etc_files: &[(String, String)]) -> R<()> {
     mount_tmpfs(
         &shm,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        &format!("mode=1777,size={}", rootfs.tmp_bytes.min(SHM_MAX_BYTES)),
+        &format!("mode=1777,{}", scratch_options(shm_bytes(rootfs.tmp_bytes))),
     )?;
     ctx(
         || "remount /dev read-only".to_string(),
@@ -297,7 +320,7 @@ pub(crate) fn enter(rootfs: &Rootfs, etc_files: &[(String, String)]) -> R<()> {
     mount_tmpfs(
         &tmp,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        &format!("mode=1777,size={}", rootfs.tmp_bytes),
+        &format!("mode=1777,{}", scratch_options(rootfs.tmp_bytes)),
     )?;
 
     mount_proc(stage)?;
@@ -391,6 +414,25 @@ fn pivot(stage: &Path) -> R<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_mounts_cap_inodes_with_their_size() {
+        // 128 MB function: /tmp 64 MiB -> 4096 inodes, /dev/shm 32 MiB -> 2048.
+        assert_eq!(
+            scratch_options(64 << 20),
+            format!("size={},nr_inodes=4096", 64u64 << 20)
+        );
+        assert_eq!(shm_bytes(64 << 20), 32 << 20);
+        assert_eq!(
+            scratch_options(shm_bytes(64 << 20)),
+            format!("size={},nr_inodes=2048", 32u64 << 20)
+        );
+        // The largest /tmp: 32768 inodes, and /dev/shm stays at its own cap.
+        assert!(scratch_options(512 << 20).ends_with(",nr_inodes=32768"));
+        assert_eq!(shm_bytes(512 << 20), SHM_MAX_BYTES);
+        // A tiny one still holds a few hundred files.
+        assert!(scratch_options(4096).ends_with(",nr_inodes=256"));
+    }
 
     #[test]
     fn inside_strips_the_root() {

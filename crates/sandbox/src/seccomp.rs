@@ -5,7 +5,11 @@
 //! namespace changes, tracing other processes, kernel modules, kexec, keyrings, BPF and
 //! perf, clocks, swap, reboot, file handles, quotas, accounting, the kernel log, I/O
 //! ports, `userfaultfd`, dangerous `personality` values, and `clone` with any
-//! `CLONE_NEW*` flag. `clone3` answers `ENOSYS` so libc falls back to `clone`, whose
+//! `CLONE_NEW*` flag, `socket`/`socketpair` of any family but `AF_UNIX`, `AF_INET`,
+//! `AF_INET6` and `AF_NETLINK` with `NETLINK_ROUTE` (network namespaces do not cover
+//! vsock, and most other families are kernel surface a function never needs), and
+//! io_uring (whose `IORING_OP_SOCKET` would create sockets this filter never sees).
+//! `clone3` answers `ENOSYS` so libc falls back to `clone`, whose
 //! flags a classic BPF filter can inspect (`clone3` passes them in memory).
 //!
 //! Layout: seccompiler compiles the deny list (one match action for all rules); its
@@ -60,6 +64,17 @@ const CLONE_NEW_FLAGS: [u64; 7] = [
 /// `READ_IMPLIES_EXEC`) weakens the address-space hardening.
 const PERSONALITY_OK: [u64; 5] = [0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
 
+/// The socket families a function may create: local sockets, IP inside its own
+/// network namespace, and netlink for `NETLINK_ROUTE` only (glibc's `getaddrinfo` with
+/// `AI_ADDRCONFIG` and `getifaddrs`, so Node's `os.networkInterfaces`, read addresses
+/// through it).
+const SOCKET_FAMILIES_OK: [u64; 4] = [
+    libc::AF_UNIX as u64,
+    libc::AF_INET as u64,
+    libc::AF_INET6 as u64,
+    libc::AF_NETLINK as u64,
+];
+
 /// Denied without looking at arguments: `(name, number)`.
 pub(crate) fn denied_syscalls() -> Vec<(&'static str, i64)> {
     let mut v = vec![
@@ -108,6 +123,9 @@ pub(crate) fn denied_syscalls() -> Vec<(&'static str, i64)> {
         ("fsconfig", libc::SYS_fsconfig),
         ("fspick", libc::SYS_fspick),
         ("vhangup", libc::SYS_vhangup),
+        ("io_uring_setup", libc::SYS_io_uring_setup),
+        ("io_uring_enter", libc::SYS_io_uring_enter),
+        ("io_uring_register", libc::SYS_io_uring_register),
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend([
@@ -147,6 +165,9 @@ pub(crate) fn program() -> Result<BpfProgram, String> {
         libc::SYS_personality,
         vec![SeccompRule::new(personality).map_err(|e| e.to_string())?],
     );
+    for nr in [libc::SYS_socket, libc::SYS_socketpair] {
+        rules.insert(nr, socket_rules()?);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -160,6 +181,25 @@ pub(crate) fn program() -> Result<BpfProgram, String> {
     let mut prog = prefix();
     prog.extend(body);
     Ok(prog)
+}
+
+/// `socket(domain, type, protocol)` and `socketpair` (same first three arguments):
+/// denied when the domain is none of [`SOCKET_FAMILIES_OK`], or is netlink with any
+/// protocol but `NETLINK_ROUTE`. The kernel reads both as `int`, which is what a
+/// `Dword` comparison sees.
+fn socket_rules() -> Result<Vec<SeccompRule>, String> {
+    let other_family = SOCKET_FAMILIES_OK
+        .iter()
+        .map(|&ok| cond(0, SeccompCmpOp::Ne, ok))
+        .collect::<Result<Vec<_>, String>>()?;
+    let netlink_not_route = vec![
+        cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK as u64)?,
+        cond(2, SeccompCmpOp::Ne, libc::NETLINK_ROUTE as u64)?,
+    ];
+    [other_family, netlink_not_route]
+        .into_iter()
+        .map(|c| SeccompRule::new(c).map_err(|e| e.to_string()))
+        .collect()
 }
 
 fn stmt(code: u16, k: u32) -> sock_filter {
@@ -269,13 +309,14 @@ mod tests {
             libc::SYS_mmap,
             libc::SYS_execve,
             libc::SYS_getpid,
-            libc::SYS_socket,
             libc::SYS_connect,
             libc::SYS_futex,
             libc::SYS_exit_group,
         ] {
             assert_eq!(verdict(nr, [0; 6]), RET_ALLOW, "syscall {nr}");
         }
+        let tcp = [libc::AF_INET as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
+        assert_eq!(verdict(libc::SYS_socket, tcp), RET_ALLOW);
     }
 
     #[test]
@@ -300,6 +341,59 @@ mod tests {
             );
         }
         assert_eq!(verdict(libc::SYS_clone3, [0; 6]), errno(libc::ENOSYS));
+    }
+
+    #[test]
+    fn sockets_only_of_the_allowed_families() {
+        let stream = libc::SOCK_STREAM as u64 | libc::SOCK_CLOEXEC as u64;
+        let dgram = libc::SOCK_DGRAM as u64;
+        for nr in [libc::SYS_socket, libc::SYS_socketpair] {
+            let v = |family: i32, ty: u64, proto: i32| {
+                verdict(nr, [family as u64, ty, proto as u64, 0, 0, 0])
+            };
+            assert_eq!(v(libc::AF_UNIX, stream, 0), RET_ALLOW);
+            assert_eq!(v(libc::AF_INET, stream, libc::IPPROTO_TCP), RET_ALLOW);
+            assert_eq!(v(libc::AF_INET6, dgram, 0), RET_ALLOW);
+            assert_eq!(v(libc::AF_NETLINK, dgram, libc::NETLINK_ROUTE), RET_ALLOW);
+            for proto in [
+                libc::NETLINK_SOCK_DIAG,
+                libc::NETLINK_AUDIT,
+                libc::NETLINK_KOBJECT_UEVENT,
+                libc::NETLINK_GENERIC,
+                libc::NETLINK_NETFILTER,
+                libc::NETLINK_XFRM,
+            ] {
+                assert_eq!(
+                    v(libc::AF_NETLINK, dgram, proto),
+                    errno(libc::EPERM),
+                    "{proto}"
+                );
+            }
+            for family in [
+                libc::AF_VSOCK,
+                libc::AF_PACKET,
+                libc::AF_BLUETOOTH,
+                libc::AF_ALG,
+                libc::AF_KEY,
+                libc::AF_CAN,
+                libc::AF_TIPC,
+                libc::AF_RDS,
+                libc::AF_XDP,
+                libc::AF_UNSPEC,
+                0xffff,
+            ] {
+                assert_eq!(v(family, stream, 0), errno(libc::EPERM), "family {family}");
+            }
+            // The kernel reads the domain as an int: high bits do not smuggle one in.
+            assert_eq!(
+                verdict(nr, [(1 << 32) | libc::AF_VSOCK as u64, stream, 0, 0, 0, 0]),
+                errno(libc::EPERM)
+            );
+        }
+        assert_eq!(
+            verdict(libc::SYS_io_uring_setup, [8, 0, 0, 0, 0, 0]),
+            errno(libc::EPERM)
+        );
     }
 
     #[test]

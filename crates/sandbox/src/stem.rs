@@ -163,19 +163,31 @@ pub(crate) fn attach_code(tree: BorrowedFd) -> Result<(), String> {
     Ok(())
 }
 
-/// Init side: changes the size of the instance's `/tmp` (refused by the kernel when
-/// more than that is in use).
+/// Init side: changes the size (and inode cap) of the instance's `/tmp`, and of
+/// `/dev/shm` in proportion (refused by the kernel when more than that is in use).
 pub(crate) fn resize_tmp(bytes: u64) -> Result<(), String> {
+    use crate::rootfs::{scratch_options, shm_bytes};
     use nix::mount::{MsFlags, mount};
-    // A remount resets the mount's flags to those given: keep nosuid and nodev.
-    mount(
-        None::<&str>,
-        "/tmp",
-        Some("tmpfs"),
-        MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(format!("size={bytes}").as_str()),
-    )
-    .map_err(|e| format!("resize /tmp to {bytes} bytes: {e}"))
+    // A remount resets the mount's flags to those given: keep each mount's own.
+    let nosuid_nodev = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    for (path, size, flags) in [
+        ("/tmp", bytes, nosuid_nodev),
+        (
+            "/dev/shm",
+            shm_bytes(bytes),
+            nosuid_nodev | MsFlags::MS_NOEXEC,
+        ),
+    ] {
+        mount(
+            None::<&str>,
+            path,
+            Some("tmpfs"),
+            flags,
+            Some(scratch_options(size).as_str()),
+        )
+        .map_err(|e| format!("resize {path} to {size} bytes: {e}"))?;
+    }
+    Ok(())
 }
 
 /// One request as init received it.

@@ -100,25 +100,41 @@ impl Pool {
         );
     }
 
-    /// The warmest idle instance that is still alive; dead ones are retired on the way.
+    /// The warmest idle instance that is still alive, resumed (idle instances are
+    /// suspended: see `checkin`); dead ones and ones that cannot be resumed are retired
+    /// on the way.
     pub fn checkout(&self) -> Option<Live> {
         loop {
             let mut candidate = lock(&self.idle).pop()?;
             if candidate.is_alive() {
-                self.set_state(candidate.id(), State::Busy, false);
-                return Some(candidate);
+                match candidate.sandbox().resume() {
+                    Ok(()) => {
+                        self.set_state(candidate.id(), State::Busy, false);
+                        return Some(candidate);
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = candidate.id(), error = %e, "cannot resume an idle instance; retiring it");
+                    }
+                }
             }
             self.retire(candidate);
         }
     }
 
-    /// Returns an instance after a successful invocation.
+    /// Returns an instance after a successful invocation (or its start-up), suspended:
+    /// nothing in it runs, or is billed, until the next `checkout`.
     pub fn checkin(&self, mut live: Live, served: bool) {
         live.last_used = Instant::now();
         if served {
             live.invocations += 1;
         }
         if self.is_draining() {
+            self.retire(live);
+            return;
+        }
+        if let Err(e) = live.sandbox().suspend() {
+            // An instance that could keep running between invocations is not reused.
+            tracing::warn!(id = live.id(), error = %e, "cannot suspend an idle instance; retiring it");
             self.retire(live);
             return;
         }
