@@ -19,8 +19,10 @@ const env = process.env;
 
 const sock = new Socket({ fd: FD, readable: true, writable: true });
 
-function frame(kind, payload) {
-  const body = Buffer.from(payload, 'utf8');
+// `tag` starts a result frame: the request id it answers and a newline, so the host can
+// tell our answer from a frame the handler wrote to fd 3 itself.
+function frame(kind, payload, tag = '') {
+  const body = Buffer.from(tag + payload, 'utf8');
   const head = Buffer.allocUnsafe(5);
   head.write(kind, 0, 'ascii');
   head.writeUInt32BE(body.length, 1);
@@ -35,8 +37,8 @@ async function flushStdio() {
   }
 }
 
-function send(kind, payload, then) {
-  sock.write(frame(kind, payload), then);
+function send(kind, payload, then, tag = '') {
+  sock.write(frame(kind, payload, tag), then);
 }
 
 function errorPayload(errorType, errorMessage, stackTrace = []) {
@@ -212,9 +214,10 @@ function invoke(handler, body) {
   try {
     req = JSON.parse(body.toString('utf8'));
   } catch (err) {
-    finish('E', errorPayload('Runtime.UnmarshalError', `Unable to unmarshal input: ${err.message}`));
+    finish('E', errorPayload('Runtime.UnmarshalError', `Unable to unmarshal input: ${err.message}`), '\n');
     return;
   }
+  const tag = `${req?.requestId ?? ''}\n`;
   if (req.traceId) env._X_AMZN_TRACE_ID = req.traceId;
   else delete env._X_AMZN_TRACE_ID;
 
@@ -226,7 +229,7 @@ function invoke(handler, body) {
     if (err !== undefined && err !== null) {
       const e = toError(err);
       logError(e);
-      finish('E', e);
+      finish('E', e, tag);
       return;
     }
     let json;
@@ -235,7 +238,7 @@ function invoke(handler, body) {
     } catch (e2) {
       const e = errorPayload('Runtime.MarshalError', `Unable to stringify response body: ${e2.message}`);
       logError(e);
-      finish('E', e);
+      finish('E', e, tag);
       return;
     }
     if (Buffer.byteLength(json, 'utf8') > MAX_RESPONSE) {
@@ -244,12 +247,12 @@ function invoke(handler, body) {
         `Response payload size exceeded maximum allowed payload size (${MAX_RESPONSE} bytes).`,
       );
       logError(e);
-      finish('E', e);
+      finish('E', e, tag);
       return;
     }
-    finish('S', json);
+    finish('S', json, tag);
   };
-  const inv = { settle };
+  const inv = { settle, tag };
   current = inv;
 
   const context = makeContext(req, settle);
@@ -276,14 +279,19 @@ function invoke(handler, body) {
 let busy = false;
 const queue = [];
 
-function finish(kind, payload) {
+function finish(kind, payload, tag) {
   if (dead) return;
   const text = typeof payload === 'string' ? payload : JSON.stringify(payload);
   flushStdio().finally(() =>
-    send(kind, text, () => {
-      busy = false;
-      pump();
-    }),
+    send(
+      kind,
+      text,
+      () => {
+        busy = false;
+        pump();
+      },
+      tag,
+    ),
   );
 }
 
@@ -328,7 +336,7 @@ function fatal(errorPayloadValue, code) {
   current = null;
   const text = JSON.stringify(errorPayloadValue);
   if (inv) {
-    flushStdio().finally(() => send('E', text, () => process.exit(code)));
+    flushStdio().finally(() => send('E', text, () => process.exit(code), inv.tag));
   } else {
     process.exit(code);
   }
@@ -410,7 +418,7 @@ function assign(body) {
     initFail(errorPayload('Runtime.InvalidAssignment', `Unable to apply the assignment: ${err.message}`));
     return;
   }
-  init({});
+  init({ taggedResults: true });
 }
 
 // Loads a throwaway ES module and a CommonJS one the way a handler loads, so the module
@@ -441,5 +449,5 @@ if (stem) {
   send('R', JSON.stringify({ stem: true, runtime }));
   pump();
 } else {
-  await init({ runtime });
+  await init({ runtime, taggedResults: true });
 }

@@ -143,10 +143,11 @@ def _flush():
             pass
 
 
-def _send(kind, payload):
+def _send(kind, payload, tag=b""):
     # Logs written so far belong to this invocation: they must reach the pipe first.
     _flush()
-    data = memoryview(kind + len(payload).to_bytes(4, "big") + payload)
+    n = len(tag) + len(payload)
+    data = memoryview(kind + n.to_bytes(4, "big") + tag + payload)
     while data:
         try:
             n = posix.write(_FD, data)
@@ -155,8 +156,9 @@ def _send(kind, payload):
         data = data[n:]
 
 
-def _send_json(kind, obj):
-    _send(kind, _dumps(obj).encode("utf-8", "replace"))
+def _send_json(kind, obj, tag=b""):
+    _send(kind, _dumps(obj).encode("utf-8", "replace"), tag)
+
 
 
 def _error(error_type, message, trace=None):
@@ -372,9 +374,14 @@ def _set_trace_id(trace_id):
 
 
 def _invoke(handler, body):
+    """Runs one invocation; returns the result frame's kind, payload and tag (the request
+    id and a newline, so the host can tell our answer from a frame the handler wrote to
+    fd 3 itself)."""
     global _request_id
+    tag = b"\n"
     try:
         req = _loads(body.decode("utf-8", "surrogatepass"))
+        tag = str(req.get("requestId", "")).encode("utf-8", "surrogatepass") + b"\n"
         event = req.get("event")
         ctx = LambdaContext(
             req.get("requestId", ""),
@@ -384,7 +391,7 @@ def _invoke(handler, body):
             req.get("clientContext"),
         )
     except Exception as e:
-        return b"E", _error("Runtime.UnmarshalError", f"Unable to unmarshal input: {e}")
+        return b"E", _error("Runtime.UnmarshalError", f"Unable to unmarshal input: {e}"), tag
     _request_id = ctx.aws_request_id
     _set_trace_id(req.get("traceId"))
     if not _logging_ready:
@@ -403,11 +410,11 @@ def _invoke(handler, body):
             "Runtime.ExitError", f"Handler exited with sys.exit({e.code!r})", _trace(e)
         )
         _log_error(err)
-        return b"E", err
+        return b"E", err, tag
     except BaseException as e:
         err = _error(type(e).__name__, str(e), _trace(e))
         _log_error(err)
-        return b"E", err
+        return b"E", err, tag
     try:
         if isinstance(result, (bytes, bytearray)):  # Lambda passes bytes through
             payload = bytes(result)
@@ -417,7 +424,7 @@ def _invoke(handler, body):
     except Exception as e:
         err = _error("Runtime.MarshalError", f"Unable to marshal response: {e}")
         _log_error(err)
-        return b"E", err
+        return b"E", err, tag
     if len(payload) > _MAX_RESPONSE:
         err = _error(
             "Function.ResponseSizeTooLarge",
@@ -425,8 +432,8 @@ def _invoke(handler, body):
             f"payload size ({_MAX_RESPONSE} bytes).",
         )
         _log_error(err)
-        return b"E", err
-    return b"S", payload
+        return b"E", err, tag
+    return b"S", payload, tag
 
 
 # The name our frames carry in tracebacks (also right when the host runs a compiled .pyc).
@@ -532,10 +539,10 @@ def main():
         _preload()
         _send_json(b"R", {"stem": True, "runtime": runtime})
         root = _apply_assignment(_await_assignment())
-        ready = {}
+        ready = {"taggedResults": True}
     else:
         root = _env("LAMBDA_TASK_ROOT") or posix.getcwd()
-        ready = {"runtime": runtime}
+        ready = {"runtime": runtime, "taggedResults": True}
     _bind_context()
     sys.path.insert(0, root)
     handler = _load_handler(_env("_HANDLER", ""))
@@ -549,11 +556,11 @@ def main():
             break
         if kind != b"I":
             continue  # unknown host frames are for newer shims
-        out, result = _invoke(handler, body)
+        out, result, tag = _invoke(handler, body)
         if out == b"S":
-            _send(b"S", result)
+            _send(b"S", result, tag)
         else:
-            _send_json(b"E", result)
+            _send_json(b"E", result, tag)
     _flush()
     posix._exit(0)
 

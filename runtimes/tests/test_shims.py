@@ -109,6 +109,10 @@ class Instance:
         self.log = b""
         self.sock.settimeout(TIMEOUT)
         self.n = 0
+        # Whether the last `R` announced tagged results, and the ids of the invocations
+        # sent and not answered yet, oldest first: the tags results must carry.
+        self.tagged = False
+        self.in_flight = []
 
     def drain(self):
         while True:
@@ -130,11 +134,24 @@ class Instance:
             data += chunk
         return data
 
-    def recv(self):
+    def recv_raw(self):
         head = self._exact(5)
         n = int.from_bytes(head[1:], "big")
-        body = self._exact(n) if n else b""
-        return head[:1].decode(), json.loads(body)
+        return head[:1].decode(), self._exact(n) if n else b""
+
+    def recv(self):
+        """The next frame as the host reads it: a result frame of a tagged instance must
+        start with the oldest unanswered request id and a newline, which is removed."""
+        kind, body = self.recv_raw()
+        if kind in "SE" and self.in_flight:
+            rid = self.in_flight.pop(0)
+            tag = rid.encode() + b"\n"
+            assert not self.tagged or body.startswith(tag), (kind, body[:80], rid)
+            body = body[len(tag):] if self.tagged else body
+        body = json.loads(body)
+        if kind == "R":
+            self.tagged = body.get("taggedResults") is True
+        return kind, body
 
     def ready(self):
         kind, body = self.recv()
@@ -144,12 +161,13 @@ class Instance:
     def request(self, event, deadline_ms=None, request_id=None, **extra):
         self.n += 1
         req = {
-            "requestId": request_id or f"req-{self.n}",
+            "requestId": request_id or f"req-{self.n}-\u00e9",
             "deadlineMs": deadline_ms or int(time.time() * 1000) + 10_000,
             "invokedFunctionArn": "arn:aws:lambda:local:000000000000:function:fn:live",
             "event": event,
         }
         req.update(extra)
+        self.in_flight.append(req["requestId"])
         return frame(b"I", req)
 
     def invoke(self, event, **kw):
@@ -247,7 +265,7 @@ class StemCases:
         a = self.assignment(self.files, "main.handler",
                             env={"GREETING": "hi", "AWS_LAMBDA_FUNCTION_NAME": "not-mine"})
         inst.sock.sendall(frame(b"A", a))
-        self.assertEqual(inst.recv(), ("R", {}))
+        self.assertEqual(inst.recv(), ("R", {"taggedResults": True}))
         kind, r = inst.invoke({"k": 1})
         self.assertEqual(kind, "S", r)
         self.assertEqual(r["event"], {"k": 1})
@@ -298,7 +316,39 @@ class StemCases:
 
 # ------------------------------------------------------------------------ python
 
-class PythonShim(ShimCase, StemCases):
+class TaggedCases:
+    """Result frames name the invocation they answer; a frame a handler writes to fd 3
+    itself does not, so the host can refuse it. `injecting` is a handler that writes an
+    untagged `S` frame (the event) to fd 3 and then returns {"own": event}, or raises
+    when the event is "raise"."""
+
+    injecting = None
+
+    def test_results_carry_the_request_id_and_injected_frames_do_not(self):
+        inst = self.start(self.injecting, "main.handler")
+        self.assertIs(inst.ready().get("taggedResults"), True)
+        inst.sock.sendall(inst.request(7, request_id="0190-\u00e9-a"))
+        kind, injected = inst.recv_raw()
+        self.assertEqual((kind, injected), ("S", b"7"))  # untagged: the host refuses it
+        self.assertEqual(inst.recv(), ("S", {"own": 7}))  # tagged with "0190-é-a"
+        kind, err = inst.invoke("raise", request_id="b\n")
+        self.assertEqual(kind, "E", err)
+        inst.sock.sendall(frame(b"I", b"[not an object"))
+        kind, body = inst.recv_raw()
+        self.assertEqual(kind, "E")
+        self.assertTrue(body.startswith(b"\n{"), body[:40])  # no id to echo: never matches
+
+
+class PythonShim(ShimCase, StemCases, TaggedCases):
+    injecting = {"main.py": textwrap.dedent("""
+        import os
+        def handler(e, c):
+            if e == "raise":
+                raise ValueError("no")
+            p = str(e).encode()
+            os.write(3, b"S" + len(p).to_bytes(4, "big") + p)
+            return {"own": e}
+        """)}
     argv = staticmethod(python_argv)
     runtime_dir = PY_SHIM_DIR
     files = {"main.py": """
@@ -544,7 +594,19 @@ class PythonShim(ShimCase, StemCases):
 # ------------------------------------------------------------------------ node
 
 @unittest.skipUnless(NODE, "node is not installed")
-class NodeShim(ShimCase, StemCases):
+class NodeShim(ShimCase, StemCases, TaggedCases):
+    injecting = {"main.mjs": """
+        import { writeSync } from 'node:fs';
+        export const handler = async (e) => {
+          if (e === 'raise') throw new Error('no');
+          const p = Buffer.from(String(e));
+          const head = Buffer.alloc(5);
+          head.write('S', 0, 'ascii');
+          head.writeUInt32BE(p.length, 1);
+          writeSync(3, Buffer.concat([head, p]));
+          return { own: e };
+        };
+        """}
     argv = staticmethod(node_argv)
     runtime_dir = NODE_SHIM_DIR
     files = {"main.mjs": """

@@ -220,6 +220,39 @@ mod tests {
         assert_eq!(r.result.expect("result")["a"], 1);
         assert_eq!(r.logs.as_deref(), Some("log"));
     }
+
+    #[test]
+    fn a_result_at_the_depth_limit_survives_the_envelope_round_trip() {
+        let depth = crate::result::MAX_RESULT_DEPTH;
+        let deepest = format!(
+            "{}1{}",
+            "{\"k\":[".repeat(depth / 2),
+            "]}".repeat(depth / 2)
+        );
+        assert_eq!(crate::result::check_result(deepest.as_bytes()), Ok(()));
+        let bytes = bytes::Bytes::from(deepest.clone());
+        let r = InvokeResponse::from_outcome(&outcome(InvokeStatus::Success(bytes)), false);
+        // The CLI reads the whole envelope: the result's depth plus the envelope's own.
+        let wire = serde_json::to_vec(&r).expect("serialize");
+        let back: InvokeResponse = serde_json::from_slice(&wire).expect("parse envelope");
+        assert_eq!(back.result.map(|v| v.to_string()), Some(deepest));
+    }
+
+    #[test]
+    fn an_undecodable_result_is_a_502_naming_why() {
+        let why = crate::result::InvalidResult::DecodeUtf8 { at: 7 };
+        let st = InvokeStatus::InvalidResult(why);
+        assert_eq!((st.code(), st.http_status()), ("invalid_result", 502));
+        let r = InvokeResponse::from_outcome(&outcome(st), false);
+        let e = r.error.expect("error");
+        assert_eq!(e.error_type, "Nimbus.InvalidResult");
+        assert!(
+            e.message.contains("invalid UTF-8 at byte 7"),
+            "{}",
+            e.message
+        );
+        assert!(r.result.is_none());
+    }
 }
 
 /// An API key as the control API shows it: never its secret, which only

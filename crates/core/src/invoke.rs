@@ -71,6 +71,9 @@ pub enum InvokeStatus {
     Crashed(String),
     /// The result exceeded the payload limit.
     ResultTooLarge,
+    /// The result cannot be decoded (not UTF-8, not JSON, nested too deep): no reader
+    /// could hand it on, so it is never reported as a success.
+    InvalidResult(crate::result::InvalidResult),
     /// The sandbox could not be set up; nothing ran.
     SandboxFailed(String),
 }
@@ -89,6 +92,7 @@ impl InvokeStatus {
             InvokeStatus::OutOfMemory => "out_of_memory",
             InvokeStatus::Crashed(_) => "function_crashed",
             InvokeStatus::ResultTooLarge => "result_too_large",
+            InvokeStatus::InvalidResult(_) => "invalid_result",
             InvokeStatus::SandboxFailed(_) => "sandbox_failed",
         }
     }
@@ -98,9 +102,10 @@ impl InvokeStatus {
         match self {
             InvokeStatus::Success(_) | InvokeStatus::FunctionError(_) => 200,
             InvokeStatus::Timeout => 504,
-            InvokeStatus::OutOfMemory | InvokeStatus::Crashed(_) | InvokeStatus::ResultTooLarge => {
-                502
-            }
+            InvokeStatus::OutOfMemory
+            | InvokeStatus::Crashed(_)
+            | InvokeStatus::ResultTooLarge
+            | InvokeStatus::InvalidResult(_) => 502,
             InvokeStatus::SandboxFailed(_) => 500,
         }
     }
@@ -119,6 +124,9 @@ impl InvokeStatus {
                 "the function's result exceeds the {} MB limit",
                 crate::MAX_PAYLOAD_BYTES / (1024 * 1024)
             ),
+            InvokeStatus::InvalidResult(why) => {
+                format!("the function's result cannot be decoded: {why}")
+            }
             InvokeStatus::SandboxFailed(_) => "the function's sandbox could not be started".into(),
         }
     }

@@ -19,6 +19,7 @@ pub mod invoke;
 pub mod keys;
 pub mod manifest;
 pub mod outbound;
+pub mod result;
 pub mod retry;
 pub mod route_options;
 pub mod routes;

@@ -48,6 +48,24 @@ impl Control {
     }
 }
 
+impl Control {
+    /// Whether anything (a frame, or end-of-file) waits on an idle instance's channel.
+    /// Between invocations nothing may: a frame there was written outside any
+    /// invocation and would be taken for the next caller's answer. std has no stable
+    /// `peek` on Unix sockets, so this is a non-blocking read of one byte; an instance
+    /// for which it finds anything is discarded, so the byte is never missed.
+    pub fn has_pending(&self) -> bool {
+        let mut byte = [0u8; 1];
+        loop {
+            match self.fd.get_ref().read(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                _ => return true,
+            }
+        }
+    }
+}
+
 /// tokio deprecated its safe constructors because an arbitrary `T` could hand out a
 /// different or closed fd later; its replacement is `unsafe`, which this crate forbids.
 /// A std `UnixStream` owns its fd for its whole life and never changes it, which is
@@ -101,6 +119,22 @@ mod tests {
         ctl.read_exact(&mut answer).await.expect("answer");
         assert_eq!(&answer, b"ok");
         assert_eq!(reader.join().expect("join"), big);
+    }
+
+    #[tokio::test]
+    async fn pending_sees_a_stray_frame_and_end_of_file_but_not_silence() {
+        let (host, mut peer) = UnixStream::pair().expect("pair");
+        let mut ctl = Control::new(host).expect("control");
+        assert!(!ctl.has_pending());
+        // A frame read in full, as after an invocation, leaves nothing behind.
+        peer.write_all(b"S\0\0\0\x011").expect("write");
+        let mut frame = [0u8; 6];
+        ctl.read_exact(&mut frame).await.expect("read");
+        assert!(!ctl.has_pending());
+        peer.write_all(b"S").expect("write stray");
+        assert!(ctl.has_pending());
+        drop(peer);
+        assert!(ctl.has_pending());
     }
 
     #[tokio::test]

@@ -28,6 +28,9 @@ pub(crate) struct Live {
     pub last_cpu_ms: Option<f64>,
     /// The uid this instance runs as, handed back when it is dropped.
     pub uid: Option<crate::uids::UidLease>,
+    /// Its last `R` frame announced results tagged with their request id: a result
+    /// frame without the tag of the invocation in flight is then a protocol violation.
+    tagged: bool,
 }
 
 pub(crate) enum RunError {
@@ -61,6 +64,7 @@ impl Live {
             last_peak_bytes: None,
             last_cpu_ms: None,
             uid: None,
+            tagged: false,
         })
     }
 
@@ -80,6 +84,12 @@ impl Live {
 
     pub fn is_alive(&mut self) -> bool {
         matches!(self.sandbox.try_wait(), Ok(None))
+    }
+
+    /// Something was written to the control channel while the instance sat idle: it
+    /// must not serve again (docs/runtime-protocol.md, "Result ownership").
+    pub fn has_stray_frame(&self) -> bool {
+        self.control.has_pending()
     }
 
     pub fn set_cpu_millis(&self, cpu_millis: u32) -> Result<(), String> {
@@ -121,7 +131,10 @@ impl Live {
         self.logs = LogBuffer::with_limit(log_limit);
         let frame = self.next_frame(limit).await.map_err(ReadyError::Run)?;
         match frame.kind {
-            Kind::Ready => Ok(()),
+            Kind::Ready => {
+                self.tagged = protocol::Ready::parse(&frame.payload).tagged_results;
+                Ok(())
+            }
             Kind::InitFailed => Err(ReadyError::InitFailed(parse_error(&frame.payload))),
             Kind::SandboxFailed => {
                 let e = parse_error(&frame.payload);
@@ -200,24 +213,29 @@ impl Live {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
             _ => None,
         };
-        let frame = frame?;
-        match frame.kind {
-            Kind::Success => {
-                if frame.payload.len() > nimbus_core::MAX_PAYLOAD_BYTES {
-                    return Err(RunError::ResultTooLarge);
-                }
-                if serde_json::from_slice::<serde::de::IgnoredAny>(&frame.payload).is_err() {
-                    return Ok(InvokeStatus::FunctionError(FunctionError {
-                        error_type: "Runtime.InvalidResult".into(),
-                        error_message: "the function returned a result that is not JSON".into(),
-                        stack_trace: vec![],
-                    }));
-                }
-                Ok(InvokeStatus::Success(frame.payload))
-            }
-            Kind::Error => Ok(InvokeStatus::FunctionError(parse_error(&frame.payload))),
-            other => Err(RunError::Broken(format!(
-                "expected a result frame, got {other:?}"
+        result_status(self.owned_result(frame?, request_id)?)
+    }
+
+    /// The frame as this invocation's own result, or the protocol violation it is. The
+    /// detail never quotes the frame: it may be another invocation's answer.
+    fn owned_result(&self, frame: Frame, request_id: &str) -> Result<Frame, RunError> {
+        if !matches!(frame.kind, Kind::Success | Kind::Error) {
+            return Err(RunError::Broken(format!(
+                "expected a result frame, got {:?}",
+                frame.kind
+            )));
+        }
+        if !self.tagged {
+            return Ok(frame);
+        }
+        match protocol::untag(&frame.payload, request_id) {
+            Some(payload) => Ok(Frame {
+                kind: frame.kind,
+                payload,
+            }),
+            None => Err(RunError::Broken(format!(
+                "a {:?} frame that does not carry this invocation's request id",
+                frame.kind
             ))),
         }
     }
@@ -348,6 +366,20 @@ fn read_some(mut file: &File, logs: &mut LogBuffer) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// What a result frame that belongs to the invocation means for its caller.
+fn result_status(frame: Frame) -> Result<InvokeStatus, RunError> {
+    if frame.kind == Kind::Error {
+        return Ok(InvokeStatus::FunctionError(parse_error(&frame.payload)));
+    }
+    if frame.payload.len() > nimbus_core::MAX_PAYLOAD_BYTES {
+        return Err(RunError::ResultTooLarge);
+    }
+    Ok(match nimbus_core::result::check_result(&frame.payload) {
+        Ok(()) => InvokeStatus::Success(frame.payload),
+        Err(why) => InvokeStatus::InvalidResult(why),
+    })
+}
+
 fn parse_error(payload: &[u8]) -> FunctionError {
     serde_json::from_slice(payload).unwrap_or_else(|_| FunctionError {
         error_type: "Runtime.InvalidError".into(),
@@ -397,7 +429,35 @@ impl LogBuffer {
 
 #[cfg(test)]
 mod tests {
-    use super::LogBuffer;
+    use super::{Frame, Kind, LogBuffer, result_status};
+    use nimbus_core::InvokeStatus;
+    use nimbus_core::result::InvalidResult;
+
+    fn success(payload: impl Into<bytes::Bytes>) -> InvokeStatus {
+        let frame = Frame {
+            kind: Kind::Success,
+            payload: payload.into(),
+        };
+        result_status(frame).unwrap_or(InvokeStatus::ResultTooLarge)
+    }
+
+    #[test]
+    fn an_undecodable_result_is_never_a_success() {
+        assert!(success(&b"{\"ok\":true}"[..]).is_success());
+        assert_eq!(
+            success(&b"\"\xff\""[..]),
+            InvokeStatus::InvalidResult(InvalidResult::DecodeUtf8 { at: 1 })
+        );
+        let deep = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        assert!(matches!(
+            success(deep),
+            InvokeStatus::InvalidResult(InvalidResult::Nesting { .. })
+        ));
+        assert!(matches!(
+            success(&b"{not json"[..]),
+            InvokeStatus::InvalidResult(InvalidResult::ParseJson(_))
+        ));
+    }
 
     #[test]
     fn log_buffer_caps_and_marks_truncation() {

@@ -100,13 +100,13 @@ impl Pool {
         );
     }
 
-    /// The warmest idle instance that is still alive, resumed (idle instances are
-    /// suspended: see `checkin`); dead ones and ones that cannot be resumed are retired
-    /// on the way.
+    /// The warmest idle instance that is still alive and silent, resumed (idle
+    /// instances are suspended: see `checkin`); the others are retired on the way, and
+    /// the caller never hears of them.
     pub fn checkout(&self) -> Option<Live> {
         loop {
             let mut candidate = lock(&self.idle).pop()?;
-            if candidate.is_alive() {
+            if usable(&mut candidate) {
                 match candidate.sandbox().resume() {
                     Ok(()) => {
                         self.set_state(candidate.id(), State::Busy, false);
@@ -177,14 +177,15 @@ impl Pool {
         n
     }
 
-    /// Idle instances that died on their own (crashed between invocations) are retired.
+    /// Idle instances that died on their own (crashed between invocations) or wrote to
+    /// their channel while idle are retired.
     pub fn prune_dead(&self) {
         let mut dead = Vec::new();
         {
             let mut idle = lock(&self.idle);
             let mut keep = Vec::with_capacity(idle.len());
             for mut l in idle.drain(..) {
-                if l.is_alive() {
+                if usable(&mut l) {
                     keep.push(l);
                 } else {
                     dead.push(l);
@@ -233,6 +234,22 @@ impl Pool {
         }
         gone
     }
+}
+
+/// An idle instance may serve again: it lives, and nothing it wrote waits to be read
+/// (a frame written between invocations would answer the next caller).
+fn usable(live: &mut Live) -> bool {
+    if !live.is_alive() {
+        return false;
+    }
+    if live.has_stray_frame() {
+        tracing::warn!(
+            instance = live.id(),
+            "an idle instance wrote to its channel; retired"
+        );
+        return false;
+    }
+    true
 }
 
 /// Kills and reaps instances off the async threads: that can block briefly.

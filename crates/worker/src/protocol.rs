@@ -102,6 +102,32 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, FrameE
     })
 }
 
+/// What a tagged instance announces in its `R` frame (docs/runtime-protocol.md).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ready {
+    /// Its `S` and `E` payloads begin with the invocation's request id and a newline.
+    #[serde(default)]
+    pub tagged_results: bool,
+}
+
+impl Ready {
+    /// A payload that is not the object we know (older shims send anything) reads as
+    /// an untagged instance: it still works, without the ownership check.
+    pub fn parse(payload: &[u8]) -> Ready {
+        serde_json::from_slice(payload).unwrap_or_default()
+    }
+}
+
+/// The payload of a tagged result frame once its tag has been checked against the
+/// invocation in flight; `None` if it carries no tag or another invocation's.
+/// A prefix compare and a slice: the result itself is not looked at.
+pub fn untag(payload: &Bytes, request_id: &str) -> Option<Bytes> {
+    let id = request_id.as_bytes();
+    let rest = payload.strip_prefix(id)?.strip_prefix(b"\n")?;
+    Some(payload.slice(payload.len() - rest.len()..))
+}
+
 /// Builds an `I` frame around an event that is already valid JSON, without re-encoding it.
 pub fn invoke_frame(
     request_id: &str,
@@ -159,6 +185,44 @@ mod tests {
         cut.truncate(7);
         let mut r = &cut[..];
         assert_eq!(read_frame(&mut r).await, Err(FrameError::Closed));
+    }
+
+    #[test]
+    fn untag_accepts_only_the_invocation_in_flight() {
+        let id = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+        let tagged = Bytes::from(format!("{id}\n{{\"n\":1}}"));
+        assert_eq!(untag(&tagged, id).as_deref(), Some(&b"{\"n\":1}"[..]));
+        // An empty result after the tag is the host's problem to judge, not a mismatch.
+        assert_eq!(
+            untag(&Bytes::from(format!("{id}\n")), id).as_deref(),
+            Some(&b""[..])
+        );
+        let other = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c";
+        assert_eq!(untag(&tagged, other), None);
+        // Untagged, a prefix of the id, the id without its newline, the id inside.
+        for bad in [
+            "{\"n\":1}".to_string(),
+            format!("{}\n1", &id[..10]),
+            format!("{id}1"),
+            format!("x{id}\n1"),
+            String::new(),
+        ] {
+            assert_eq!(untag(&Bytes::from(bad.clone()), id), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ready_announces_tags_and_old_shims_read_as_untagged() {
+        assert!(Ready::parse(br#"{"runtime":"python 3.12","taggedResults":true}"#).tagged_results);
+        for old in [
+            &b"{}"[..],
+            b"",
+            b"not json",
+            b"[1]",
+            br#"{"taggedResults":"yes"}"#,
+        ] {
+            assert!(!Ready::parse(old).tagged_results);
+        }
     }
 
     #[test]

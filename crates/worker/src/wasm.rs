@@ -322,9 +322,15 @@ fn from_response(resp: http::Response<Bytes>, http_event: bool) -> InvokeStatus 
                 stack_trace: Vec::new(),
             });
         }
-        // A JSON body is the result; anything else is handed back as a JSON string.
-        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
-            return InvokeStatus::Success(body);
+        // A JSON body is the result; anything else is handed back as a JSON string. The
+        // same check as a process instance's result: a body no reader could decode
+        // (invalid UTF-8 inside a string used to pass) never goes out as a success.
+        match nimbus_core::result::check_result(&body) {
+            Ok(()) => return InvokeStatus::Success(body),
+            Err(why @ nimbus_core::result::InvalidResult::Nesting { .. }) => {
+                return InvokeStatus::InvalidResult(why);
+            }
+            Err(_) => {}
         }
         let text = String::from_utf8_lossy(&body);
         return InvokeStatus::Success(Bytes::from(json!(text).to_string()));
@@ -446,6 +452,16 @@ mod tests {
             from_response(text, false),
             InvokeStatus::Success(Bytes::from_static(b"\"plain\""))
         );
+        let latin1 = http::Response::new(Bytes::from_static(b"\"caf\xe9\""));
+        assert_eq!(
+            from_response(latin1, false),
+            InvokeStatus::Success(Bytes::from("\"\\\"caf\u{fffd}\\\"\"".to_string()))
+        );
+        let deep = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        assert!(matches!(
+            from_response(http::Response::new(Bytes::from(deep)), false),
+            InvokeStatus::InvalidResult(nimbus_core::result::InvalidResult::Nesting { .. })
+        ));
         let bad = http::Response::builder()
             .status(503)
             .body(Bytes::from_static(b"down"))
