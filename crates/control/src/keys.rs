@@ -72,6 +72,7 @@ fn validate(req: &CreateKeyRequest, id: String, now: i64) -> Result<ApiKeyInfo, 
         created_at_ms: now,
         expires_at_ms,
         revoked_at_ms: None,
+        status: nimbus_core::api::KeyStatus::Active,
     })
 }
 
