@@ -60,6 +60,9 @@ pub enum Error {
     /// The folder holds something that is not a file, directory or symlink.
     #[error("{}: only files, directories and symlinks can be packed", path.display())]
     PackUnsupported { path: PathBuf },
+    /// A name in the folder being packed is one the server refuses (see [`unpack`]).
+    #[error("{}: {reason}", path.display())]
+    PackName { path: PathBuf, reason: String },
     /// Writing the archive failed.
     #[error("write archive: {0}")]
     WriteArchive(io::Error),
@@ -109,6 +112,7 @@ impl Error {
                 | Error::ReadManifest(_)
                 | Error::SymlinkOutside { .. }
                 | Error::PackUnsupported { .. }
+                | Error::PackName { .. }
         )
     }
 

@@ -13,7 +13,7 @@ use flate2::GzBuilder;
 use tar::{EntryType, Header};
 use walkdir::WalkDir;
 
-use crate::links::{check_link_target, relative_target, resolve_lexically};
+use crate::links::{check_link_target, relative_target, resolve_lexically, safe_rel_path};
 use crate::{Error, Limits};
 
 /// Names never packed, at any depth: VCS data, bytecode caches, nimbus' own state and
@@ -127,6 +127,11 @@ fn append_tree<W: Write>(
         })?;
         // Report paths as the user named the folder, not canonicalized.
         let shown = dir.join(rel);
+        // Refused here with the local path, rather than by the server after the upload.
+        safe_rel_path(rel.as_os_str().as_bytes()).map_err(|reason| Error::PackName {
+            path: shown.clone(),
+            reason,
+        })?;
 
         stats.entries += 1;
         if stats.entries > limits.max_files {
@@ -469,6 +474,21 @@ mod tests {
             Err(Error::LimitExceeded { .. })
         ));
         assert!(pack_dir(src.path(), io::sink()).is_ok());
+    }
+
+    #[test]
+    fn names_the_server_refuses_are_refused_when_packing() {
+        for name in ["..\\..\\x", "\u{FF0E}\u{FF0E}\u{FF0F}x", &"n".repeat(256)] {
+            let src = tempfile::tempdir().expect("tmp");
+            write(&src.path().join("main.py"), "ok");
+            if fs::write(src.path().join(name), "x").is_err() {
+                continue; // a filesystem with a shorter NAME_MAX
+            }
+            match pack_dir(src.path(), io::sink()) {
+                Err(e @ Error::PackName { .. }) => assert!(e.is_invalid_input()),
+                other => panic!("{name:?}: want PackName, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -97,9 +97,36 @@ struct Pending {
 
 fn unsafe_entry(name: &[u8], reason: impl Into<String>) -> Error {
     Error::UnsafeEntry {
-        entry: String::from_utf8_lossy(name).into_owned(),
+        entry: display_name(name),
         reason: reason.into(),
     }
+}
+
+/// Characters of an entry name shown in an error; the rest is elided.
+const SHOWN_NAME_CHARS: usize = 100;
+
+/// An entry name as an error message can carry it: invalid UTF-8 replaced, control and
+/// invisible characters escaped (they would rewrite the operator's terminal or hide what
+/// the name is), and cut after [`SHOWN_NAME_CHARS`] characters with the full length said.
+fn display_name(name: &[u8]) -> String {
+    let text = String::from_utf8_lossy(name);
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == SHOWN_NAME_CHARS {
+            out.push_str(&format!("... ({} bytes)", name.len()));
+            break;
+        }
+        if c.is_control() || is_invisible(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 fn unpack_into(archive: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackStats, Error> {
@@ -556,6 +583,142 @@ mod tests {
             &d,
             is_unsafe,
         );
+    }
+
+    /// A file whose name is carried by a GNU long-name record, as GNU tar writes names
+    /// over 100 bytes.
+    fn long_named(name: &[u8]) -> Vec<(Header, Vec<u8>)> {
+        let mut record = name.to_vec();
+        record.push(0);
+        vec![
+            (
+                raw(
+                    b"././@LongLink",
+                    EntryType::GNULongName,
+                    record.len() as u64,
+                    0o644,
+                    b"",
+                ),
+                record,
+            ),
+            (raw(b"x", EntryType::Regular, 1, 0o644, b""), b"x".to_vec()),
+        ]
+    }
+
+    fn unsafe_naming(e: &Error, what: &str) -> bool {
+        matches!(e, Error::UnsafeEntry { entry, reason } if entry.contains(what) && !reason.is_empty())
+    }
+
+    #[test]
+    fn long_and_deep_paths_are_refused_by_name() {
+        let d = Limits::default();
+        // One 4,000-byte component: ENAMETOOLONG at `open`, a disk error, before.
+        let huge = vec![b'a'; 4000];
+        let archive = targz(&long_named(&huge));
+        let tmp = tempfile::tempdir().expect("tmp");
+        let err = unpack(&archive[..], &tmp.path().join("d"), &d).expect_err("4000 bytes");
+        let Error::UnsafeEntry { entry, reason } = &err else {
+            panic!("want UnsafeEntry, got {err:?}");
+        };
+        assert!(
+            entry.starts_with("aaaa") && entry.ends_with("(4000 bytes)"),
+            "{entry}"
+        );
+        assert!(
+            entry.len() < 200,
+            "the name is cut for display: {}",
+            entry.len()
+        );
+        assert!(reason.contains("1024"), "{reason}");
+        assert!(err.is_invalid_input());
+
+        let component = format!("{}/f", "c".repeat(256));
+        rejects(&long_named(component.as_bytes()), &d, is_unsafe);
+        let total = format!("{}/f", vec!["d".repeat(200); 6].join("/"));
+        rejects(&long_named(total.as_bytes()), &d, is_unsafe);
+        let deep = format!("{}f", "d/".repeat(64));
+        rejects(&long_named(deep.as_bytes()), &d, is_unsafe);
+
+        // At the limits: accepted.
+        let fits = [
+            format!("{}/f", "c".repeat(255)),
+            format!("{}f", "d/".repeat(63)),
+            format!(
+                "{}/{}",
+                vec!["e".repeat(200); 4].join("/"),
+                "f".repeat(1024 - 804)
+            ),
+        ];
+        for name in fits {
+            assert!(name.len() <= 1024);
+            let archive = targz(&long_named(name.as_bytes()));
+            let tmp = tempfile::tempdir().expect("tmp");
+            let dest = tmp.path().join("d");
+            unpack(&archive[..], &dest, &d).expect("a name within the limits");
+            assert!(dest.join(&name).is_file(), "{name}");
+        }
+    }
+
+    #[test]
+    fn names_other_tools_read_as_paths_are_refused() {
+        let d = Limits::default();
+        for name in [
+            "..\\..\\x",
+            "a\\b",
+            "C:\\x",
+            "C:x",
+            "./c:/x",
+            "\u{FF0E}\u{FF0E}\u{FF0F}x",
+            "a\u{FF0F}b",
+            "\u{2025}/x",
+            "a\u{2215}b",
+            "a\u{FF3C}b",
+            "a\u{00A5}b",
+            "a\u{FF1A}b",
+            "a\u{3002}b",
+            "evil\u{202E}yp.exe",
+            "tab\tname",
+            "new\nline",
+            "del\u{7F}",
+        ] {
+            let entries = [file(name, b"x")];
+            let archive = targz(&entries);
+            let tmp = tempfile::tempdir().expect("tmp");
+            let dest = tmp.path().join("d");
+            match unpack(&archive[..], &dest, &d) {
+                Err(e @ Error::UnsafeEntry { .. }) => {
+                    let shown = e.to_string();
+                    assert!(!shown.chars().any(char::is_control), "{shown:?}");
+                }
+                other => panic!("{name:?}: want UnsafeEntry, got {other:?}"),
+            }
+            assert_eq!(fs::read_dir(&dest).expect("dest").count(), 0, "{name:?}");
+        }
+        // Invalid UTF-8, e.g. an overlong `/` (0xC0 0xAF).
+        rejects(
+            &[(
+                raw(b"a\xC0\xAFb", EntryType::Regular, 1, 0o644, b""),
+                b"x".to_vec(),
+            )],
+            &d,
+            is_unsafe,
+        );
+        // A symlink whose target another tool reads as `..\..`.
+        rejects(
+            &[(
+                raw(b"l", EntryType::Symlink, 0, 0o777, b"..\\..\\x"),
+                Vec::new(),
+            )],
+            &d,
+            |e| unsafe_naming(e, "l"),
+        );
+        // Ordinary non-ASCII names and a colon past the first component are fine.
+        let archive = targz(&[
+            file("caf\u{e9}/\u{65e5}\u{672c}.py", b"1"),
+            file("a/b:c", b"2"),
+        ]);
+        let tmp = tempfile::tempdir().expect("tmp");
+        unpack(&archive[..], &tmp.path().join("d"), &d).expect("plain unicode names");
     }
 
     #[test]

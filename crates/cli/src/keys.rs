@@ -100,7 +100,7 @@ pub fn run(g: &Global, cmd: &KeysCmd) -> anyhow::Result<ExitCode> {
                     k.expires_at_ms.map(when).unwrap_or_else(|| "never".into()),
                     match k.revoked_at_ms {
                         Some(t) => format!("revoked {}", when(t)),
-                        None => "active".into(),
+                        None => k.status.to_string(),
                     },
                 ]);
             }

@@ -18,6 +18,7 @@ fn invoke_async(s: &Server, function: &str, body: Value, headers: &[(&str, &str)
             &format!("/v1/functions/{function}/invoke"),
         )
         .header("x-nimbus-invocation-type", "Event")
+        .header("content-type", "application/json")
         .body(body.to_string());
     for (h, v) in headers {
         r = r.header(*h, *v);
@@ -189,6 +190,7 @@ fn async_invocations_run_retry_and_publish_destinations() {
                 },
             )
             .header(h, v)
+            .header("content-type", "application/json")
             .body("{}")
             .send()
             .expect("invoke");
@@ -198,6 +200,7 @@ fn async_invocations_run_retry_and_publish_destinations() {
     let resp = s
         .admin(reqwest::Method::POST, "/v1/functions/async-py/invoke")
         .header("x-nimbus-max-retries", "1")
+        .header("content-type", "application/json")
         .body("{}")
         .send()
         .expect("invoke");

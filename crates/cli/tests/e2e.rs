@@ -365,6 +365,7 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
     );
     check(
         s.admin(reqwest::Method::POST, "/v1/functions/nope/invoke")
+            .header("content-type", "application/json")
             .body("{}")
             .send()
             .expect("req"),
@@ -373,6 +374,7 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
     );
     check(
         s.admin(reqwest::Method::POST, "/v1/functions/hello/invoke")
+            .header("content-type", "application/json")
             .body("{not json")
             .send()
             .expect("req"),
@@ -412,6 +414,7 @@ fn bad_input_gets_clear_errors_and_loses_nothing() {
     assert!(head.contains("payload_too_large"), "{head}");
     check(
         s.admin(reqwest::Method::PUT, "/v1/functions/hello/aliases/live")
+            .header("content-type", "application/json")
             .body(r#"{"version": 9}"#)
             .send()
             .expect("req"),

@@ -267,6 +267,7 @@ fn bad_key_requests_get_clear_errors() {
     // The API answers in the JSON error shape.
     let r = s
         .admin(reqwest::Method::POST, "/v1/keys")
+        .header("content-type", "application/json")
         .body("{")
         .send()
         .expect("post");

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use nimbus_core::api::{ApiKeyInfo, CreateKeyRequest, CreatedKey};
 use nimbus_core::keys;
 
-use crate::{ApiError, ControlState, blocking, parse_json, read_body};
+use crate::json::JsonBody;
+use crate::{ApiError, ControlState, blocking};
 
 /// Longest key lifetime accepted: ten years.
 const MAX_LIFETIME_MS: i64 = 10 * 366 * 86_400_000;
@@ -72,15 +72,14 @@ fn validate(req: &CreateKeyRequest, id: String, now: i64) -> Result<ApiKeyInfo, 
         created_at_ms: now,
         expires_at_ms,
         revoked_at_ms: None,
+        status: nimbus_core::api::KeyStatus::Active,
     })
 }
 
 pub(crate) async fn create(
     State(st): State<Arc<ControlState>>,
-    body: Body,
+    JsonBody(req): JsonBody<CreateKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let req: CreateKeyRequest = parse_json(&bytes)?;
     let new = keys::generate();
     let info = validate(&req, new.id.clone(), now_ms())?;
     let store = Arc::clone(&st.store);

@@ -12,6 +12,7 @@
 
 mod error;
 mod invocations;
+mod json;
 mod keys;
 mod metering;
 mod routes;
@@ -42,6 +43,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 pub use error::ApiError;
+use json::JsonBody;
 pub use metering::{RecommendationsResponse, UsageResponse};
 
 /// Everything the control API works with; built by `cli::serve`.
@@ -461,10 +463,8 @@ async fn list_aliases(
 async fn set_alias(
     State(st): State<Arc<ControlState>>,
     Path((name, alias)): Path<(String, String)>,
-    body: Body,
+    JsonBody(req): JsonBody<SetAliasRequest>,
 ) -> Result<Json<AliasInfo>, ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let req: SetAliasRequest = parse_json(&bytes)?;
     let store = Arc::clone(&st.store);
     blocking(move || {
         let row = store
@@ -484,14 +484,9 @@ struct RollbackRequest {
 async fn rollback(
     State(st): State<Arc<ControlState>>,
     Path(name): Path<String>,
-    body: Body,
+    JsonBody(req): JsonBody<Option<RollbackRequest>>,
 ) -> Result<Json<RollbackResponse>, ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let req: RollbackRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
-        RollbackRequest::default()
-    } else {
-        parse_json(&bytes)?
-    };
+    let req = req.unwrap_or_default();
     let alias = req.alias.unwrap_or_else(|| "live".into());
     let store = Arc::clone(&st.store);
     blocking(move || {
@@ -541,17 +536,11 @@ async fn invoke(
     } else {
         st.max_payload
     };
-    let payload = read_body(body, limit).await?;
-    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
-        bytes::Bytes::from_static(b"null")
-    } else {
-        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-            return Err(ApiError::BadRequest(format!(
-                "the event is not valid JSON: {e}"
-            )));
-        }
-        payload
-    };
+    // The event reaches the function as it was sent, so it is checked like every other
+    // JSON body, not merely parsed: no invalid UTF-8 or lone surrogate gets through.
+    let payload = json::json_bytes(&headers, body, limit)
+        .await?
+        .unwrap_or_else(|| bytes::Bytes::from_static(b"null"));
     if is_async {
         return invocations::invoke_async(st, name, target, &headers, payload).await;
     }
@@ -626,9 +615,4 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
             "could not read the request body".into(),
         )),
     }
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }

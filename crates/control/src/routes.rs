@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use nimbus_core::AuthKind;
@@ -14,7 +13,8 @@ use nimbus_core::route_options::RouteOptions;
 use nimbus_core::routes::RouteEntry;
 use serde::Deserialize;
 
-use crate::{ApiError, ControlState, blocking, parse_json, read_body};
+use crate::json::JsonBody;
+use crate::{ApiError, ControlState, blocking};
 
 fn entry(req: AddRouteRequest) -> Result<RouteEntry, ApiError> {
     let bad = |field: &str, m: String| ApiError::BadRequest(format!("{field}: {m}"));
@@ -117,10 +117,9 @@ fn entry(req: AddRouteRequest) -> Result<RouteEntry, ApiError> {
 
 pub(crate) async fn add(
     State(st): State<Arc<ControlState>>,
-    body: Body,
+    JsonBody(req): JsonBody<AddRouteRequest>,
 ) -> Result<(StatusCode, Json<RouteEntry>), ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let route = entry(parse_json(&bytes)?)?;
+    let route = entry(req)?;
     let store = Arc::clone(&st.store);
     let stored = route.clone();
     blocking(move || store.add_route(&stored).map_err(ApiError::from_store)).await?;

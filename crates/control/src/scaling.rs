@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use nimbus_core::InstanceInfo;
 use serde::{Deserialize, Serialize};
 
-use crate::{ApiError, ControlState, blocking, parse_json, read_body, require_function};
+use crate::json::JsonBody;
+use crate::{ApiError, ControlState, blocking, require_function};
 
 #[derive(Deserialize)]
 pub(crate) struct InstancesQuery {
@@ -50,10 +50,8 @@ pub(crate) struct ScaleResponse {
 pub(crate) async fn scale(
     State(st): State<Arc<ControlState>>,
     Path(name): Path<String>,
-    body: Body,
+    JsonBody(req): JsonBody<ScaleRequest>,
 ) -> Result<Json<ScaleResponse>, ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let req: ScaleRequest = parse_json(&bytes)?;
     if req.min_instances.is_none() && req.max_instances.is_none() && !req.reset {
         return Err(ApiError::BadRequest(
             "give min_instances, max_instances or reset".into(),

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use nimbus_core::api::{CreateSubscriptionRequest, ResetSubscriptionRequest, SubscriptionInfo};
 use nimbus_store::events::{EventLog, SubscriptionRow, SubscriptionSource};
 
-use crate::{ApiError, ControlState, blocking, parse_json, read_body};
+use crate::json::JsonBody;
+use crate::{ApiError, ControlState, blocking};
 
 pub(crate) fn info(events: &EventLog, r: SubscriptionRow) -> Result<SubscriptionInfo, ApiError> {
     let (lag, retrying) = events
@@ -29,10 +29,8 @@ pub(crate) fn info(events: &EventLog, r: SubscriptionRow) -> Result<Subscription
 
 pub(crate) async fn create(
     State(st): State<Arc<ControlState>>,
-    body: Body,
+    JsonBody(req): JsonBody<CreateSubscriptionRequest>,
 ) -> Result<(StatusCode, Json<SubscriptionInfo>), ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let req: CreateSubscriptionRequest = parse_json(&bytes)?;
     let function = req
         .function
         .clone()
@@ -110,10 +108,8 @@ pub(crate) async fn remove(
 pub(crate) async fn reset(
     State(st): State<Arc<ControlState>>,
     Path(name): Path<String>,
-    body: Body,
+    JsonBody(req): JsonBody<ResetSubscriptionRequest>,
 ) -> Result<Json<SubscriptionInfo>, ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let req: ResetSubscriptionRequest = parse_json(&bytes)?;
     let events = Arc::clone(&st.events);
     let n = name.clone();
     let offset = blocking(move || {

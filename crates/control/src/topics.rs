@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use nimbus_core::api::CreateTopicRequest;
 use nimbus_store::events::{TopicInfo, TopicSettings};
 
-use crate::{ApiError, ControlState, blocking, parse_json, read_body};
+use crate::json::JsonBody;
+use crate::{ApiError, ControlState, blocking};
 
 /// Bounds that keep one topic from being set up to hold the disk or forever.
 const MAX_RETENTION_MS: i64 = 366 * 86_400_000;
@@ -81,10 +81,8 @@ pub fn parse_bytes(text: &str) -> Result<i64, String> {
 
 pub(crate) async fn create(
     State(st): State<Arc<ControlState>>,
-    body: Body,
+    JsonBody(req): JsonBody<CreateTopicRequest>,
 ) -> Result<(StatusCode, Json<TopicInfo>), ApiError> {
-    let bytes = read_body(body, 64 * 1024).await?;
-    let req: CreateTopicRequest = parse_json(&bytes)?;
     nimbus_core::manifest::validate_name(&req.name)
         .map_err(|m| ApiError::BadRequest(format!("name: {m}")))?;
     let s = settings(&req)?;

@@ -275,6 +275,44 @@ pub struct ApiKeyInfo {
     pub expires_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at_ms: Option<i64>,
+    /// Whether the gateway accepts the key at the time of the answer: an expired key
+    /// is not `active`, though nobody revoked it.
+    #[serde(default)]
+    pub status: KeyStatus,
+}
+
+/// What the gateway does with a key now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    #[default]
+    Active,
+    Expired,
+    Revoked,
+}
+
+impl KeyStatus {
+    /// Revocation wins over expiry; expiry is reached at `expires_at_ms` itself, as the
+    /// gateway's check (`crate::keys`) has it.
+    pub fn at(revoked_at_ms: Option<i64>, expires_at_ms: Option<i64>, now_ms: i64) -> Self {
+        if revoked_at_ms.is_some() {
+            KeyStatus::Revoked
+        } else if expires_at_ms.is_some_and(|t| t <= now_ms) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
+impl std::fmt::Display for KeyStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Expired => "expired",
+            KeyStatus::Revoked => "revoked",
+        })
+    }
 }
 
 /// `POST /v1/keys`.
@@ -454,4 +492,22 @@ pub struct CronTriggerResponse {
     pub function: String,
     pub name: String,
     pub request_id: String,
+}
+
+#[cfg(test)]
+mod key_status_tests {
+    use super::KeyStatus;
+
+    #[test]
+    fn expiry_and_revocation_decide_the_status() {
+        assert_eq!(KeyStatus::at(None, None, 10), KeyStatus::Active);
+        assert_eq!(KeyStatus::at(None, Some(11), 10), KeyStatus::Active);
+        assert_eq!(KeyStatus::at(None, Some(10), 10), KeyStatus::Expired);
+        assert_eq!(KeyStatus::at(None, Some(5), 10), KeyStatus::Expired);
+        assert_eq!(KeyStatus::at(Some(3), Some(5), 10), KeyStatus::Revoked);
+        assert_eq!(
+            serde_json::to_string(&KeyStatus::Expired).expect("json"),
+            "\"expired\""
+        );
+    }
 }

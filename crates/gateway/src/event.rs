@@ -32,7 +32,8 @@ pub struct EventInput<'a> {
 
 /// Builds the event exactly as API Gateway would: lower-case headers with duplicates
 /// comma-joined, cookies split out of the `cookie` header, decoded query parameters,
-/// and a body that is base64 unless it is text.
+/// and a body that is base64 unless it is text. Header values are JSON strings, so bytes
+/// that are not UTF-8 become U+FFFD (documented in the README's HTTP event section).
 pub fn build_event(i: &EventInput<'_>) -> Value {
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     let mut cookies: Vec<String> = Vec::new();
@@ -287,6 +288,23 @@ mod tests {
         assert_eq!(ev["requestContext"]["http"]["method"], "GET");
         assert_eq!(ev["body"], "{\"k\":1}");
         assert_eq!(ev["isBase64Encoded"], false);
+    }
+
+    #[test]
+    fn header_bytes_that_are_not_utf8_become_replacement_characters() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-latin",
+            HeaderValue::from_bytes(b"caf\xe9 ok").expect("obs-text"),
+        );
+        h.insert(
+            "cookie",
+            HeaderValue::from_bytes(b"n=\xff\xfe; m=1").expect("obs-text"),
+        );
+        let p = BTreeMap::new();
+        let ev = build_event(&input(&h, &p, "", b""));
+        assert_eq!(ev["headers"]["x-latin"], "caf\u{FFFD} ok");
+        assert_eq!(ev["cookies"], json!(["n=\u{FFFD}\u{FFFD}", "m=1"]));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! The token never chooses how it is checked: each key of the JWKS is pinned to one
 //! algorithm (its `alg`, or the only one its type allows), a token whose header names
 //! another (`none`, or HS256 over an RSA key's bytes) is refused before any crypto.
-//! `exp`, `nbf`, `iss` and `aud` are always required and checked, with a small leeway.
+//! `exp`, `nbf`, `iss` and `aud` are always required and checked, with a small leeway;
+//! an `iat` in the future (beyond the leeway) is refused.
 //! Keys come only from the configured JWKS: `jku`, `x5u` and inline `jwk` headers are
 //! ignored. Required scopes (`scope` string or `scp` list) are checked after the
 //! signature; the verified claims reach the function.
@@ -30,7 +31,7 @@ struct PinnedKey {
 
 /// Why a token was refused: `Unauthorized` is 401 (no detail for the caller),
 /// `Forbidden` 403 (valid token, missing scope).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwtRefusal {
     Unauthorized(&'static str),
     Forbidden,
@@ -153,6 +154,11 @@ impl JwtConfig {
             })
         })?;
         // `nbf` is optional in RFC 7519 but, when present, checked above.
+        check_iat(
+            &data.claims,
+            jsonwebtoken::get_current_timestamp(),
+            self.leeway_s,
+        )?;
         let scopes = scopes_of(&data.claims);
         let have: HashSet<&str> = scopes.iter().map(String::as_str).collect();
         if !required.iter().all(|r| have.contains(r.as_str())) {
@@ -163,6 +169,23 @@ impl JwtConfig {
             scopes,
         })
     }
+}
+
+/// `iat` is optional, but a token that says it was issued in the future (beyond the
+/// leeway) was minted by a wrong clock or to outlive a key rotation or revocation that
+/// bounds tokens by issue time: refused, as is an `iat` that is not a number.
+fn check_iat(claims: &Value, now_s: u64, leeway_s: u64) -> Result<(), JwtRefusal> {
+    let Some(iat) = claims.get("iat") else {
+        return Ok(());
+    };
+    let iat = iat
+        .as_f64()
+        .ok_or(JwtRefusal::Unauthorized("invalid iat"))?;
+    // Compared as floats: `iat` may be fractional, and far-future values must not wrap.
+    if iat > now_s.saturating_add(leeway_s) as f64 {
+        return Err(JwtRefusal::Unauthorized("issued in the future"));
+    }
+    Ok(())
 }
 
 /// OAuth 2 scopes: `scope` (space separated, RFC 8693) or `scp` (a list or a string).
@@ -197,6 +220,47 @@ mod tests {
         assert!(JwtConfig::from_jwks("", &aud, oct_hs, 5).is_err());
         assert!(JwtConfig::from_jwks("iss", &[], oct_hs, 5).is_err());
         assert!(JwtConfig::from_jwks("iss", &aud, "not json", 5).is_err());
+    }
+
+    #[test]
+    fn tokens_issued_in_the_future_are_refused() {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let aud = vec!["api".to_string()];
+        let jwks = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","alg":"HS256","kid":"h"}]}"#;
+        let cfg = JwtConfig::from_jwks("iss", &aud, jwks, 5).expect("config");
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        let token = |iat: Value| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some("h".into());
+            let claims = serde_json::json!({
+                "iss": "iss", "aud": "api", "exp": now + 3600, "iat": iat,
+            });
+            let key = EncodingKey::from_secret(b"secret").expect("hmac key");
+            encode(&h, &claims, &key).expect("sign")
+        };
+        for ok in [now - 60, now, now + 3] {
+            assert!(cfg.verify(&token(ok.into()), &[]).is_ok(), "iat {ok}");
+        }
+        let future = JwtRefusal::Unauthorized("issued in the future");
+        for (what, iat) in [
+            ("a minute", serde_json::json!(now + 60)),
+            ("a day", serde_json::json!(now + 86_400)),
+            ("ten years", serde_json::json!(now + 10 * 365 * 86_400)),
+            ("far", serde_json::json!(1e300)),
+        ] {
+            assert_eq!(
+                cfg.verify(&token(iat), &[]).err(),
+                Some(future.clone()),
+                "{what}"
+            );
+        }
+        assert_eq!(
+            cfg.verify(&token("yesterday".into()), &[]).err(),
+            Some(JwtRefusal::Unauthorized("invalid iat"))
+        );
+        assert_eq!(check_iat(&serde_json::json!({}), 10, 5), Ok(()));
+        assert!(check_iat(&serde_json::json!({"iat": 15}), 10, 5).is_ok());
+        assert!(check_iat(&serde_json::json!({"iat": 15.5}), 10, 5).is_err());
     }
 
     #[test]

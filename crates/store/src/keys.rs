@@ -1,7 +1,7 @@
 //! API keys: created with their hash, listed, revoked, and read whole for the
 //! gateway's snapshot. Secrets never reach this module; only their SHA-256.
 
-use nimbus_core::api::ApiKeyInfo;
+use nimbus_core::api::{ApiKeyInfo, KeyStatus};
 use nimbus_core::keys::{KeyEntry, Quota};
 use rusqlite::{OptionalExtension, params};
 
@@ -134,6 +134,8 @@ impl Store {
                 ""
             }
         );
+        // One clock reading for the whole answer: statuses and quota periods agree.
+        let now = nimbus_core::now_ms();
         self.read(|tx| {
             let mut stmt = tx.prepare(&sql)?;
             let raw = stmt
@@ -151,7 +153,7 @@ impl Store {
                         .map(|q| decode(&format!("quota of key {}", k.name), &q))
                         .transpose()?;
                     let quota_used = match &quota {
-                        Some(q) => Some(usage_tx(tx, &k.id, q.period(nimbus_core::now_ms()).0)?),
+                        Some(q) => Some(usage_tx(tx, &k.id, q.period(now).0)?),
                         None => None,
                     };
                     let info = ApiKeyInfo {
@@ -164,6 +166,7 @@ impl Store {
                         created_at_ms: k.created,
                         expires_at_ms: k.expires,
                         revoked_at_ms: k.revoked,
+                        status: KeyStatus::at(k.revoked, k.expires, now),
                     };
                     Ok((info, k.hash))
                 })
@@ -274,6 +277,7 @@ mod tests {
             created_at_ms: 1,
             expires_at_ms: Some(99),
             revoked_at_ms: None,
+            status: KeyStatus::Active,
         }
     }
 
@@ -311,6 +315,35 @@ mod tests {
                 .create_key(&info("ci", "cccccccccccc"), &[9; 32])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn listed_keys_say_whether_they_are_expired() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&dir.path().join("s.db")).expect("open");
+        // `info` expires at 99 ms after the epoch: long past.
+        store
+            .create_key(&info("old", "aaaaaaaaaaaa"), &[7; 32])
+            .expect("create");
+        let mut fresh = info("fresh", "bbbbbbbbbbbb");
+        fresh.expires_at_ms = Some(nimbus_core::now_ms() + 3_600_000);
+        store.create_key(&fresh, &[8; 32]).expect("create");
+        let mut forever = info("forever", "cccccccccccc");
+        forever.expires_at_ms = None;
+        store.create_key(&forever, &[9; 32]).expect("create");
+        let status = |name: &str| {
+            store
+                .keys()
+                .expect("keys")
+                .into_iter()
+                .find(|k| k.name == name)
+                .map(|k| k.status)
+        };
+        assert_eq!(status("old"), Some(KeyStatus::Expired));
+        assert_eq!(status("fresh"), Some(KeyStatus::Active));
+        assert_eq!(status("forever"), Some(KeyStatus::Active));
+        store.revoke_key("old", 100).expect("revoke");
+        assert_eq!(status("old"), Some(KeyStatus::Revoked));
     }
 
     #[test]
