@@ -25,6 +25,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The listener's body deadline passed while the body was read.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    /// This client address failed authentication too often (the listener counts).
+    #[error("too many failed authentications from this address; retry later")]
+    AuthThrottled { retry_after_s: u64 },
     #[error("{function} is throttled")]
     Throttled {
         function: String,
@@ -50,7 +56,10 @@ impl ApiError {
             | ApiError::InvalidComponent(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Throttled { .. } | ApiError::AuthThrottled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -66,6 +75,8 @@ impl ApiError {
             ApiError::InvalidComponent(_) => "invalid_component",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::AuthThrottled { .. } => "too_many_auth_failures",
             ApiError::Throttled { .. } => "throttled",
             ApiError::Unavailable => "unavailable",
             ApiError::Storage(_) => "storage_error",
@@ -85,6 +96,16 @@ impl ApiError {
                 ApiError::Unavailable
             }
             other => ApiError::Storage(other.to_string()),
+        }
+    }
+
+    /// A body the shared reader refused.
+    pub fn from_body(e: nimbus_core::body::BodyError) -> ApiError {
+        use nimbus_core::body::BodyError as B;
+        match e {
+            B::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
+            B::TimedOut => ApiError::RequestTimeout,
+            B::Read => ApiError::BadRequest(e.to_string()),
         }
     }
 
@@ -121,10 +142,23 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut resp =
             (status, Json(ErrorBody::new(self.code(), self.to_string()))).into_response();
-        if let ApiError::Throttled { retry_after_s, .. } = &self
+        if let ApiError::Throttled { retry_after_s, .. } | ApiError::AuthThrottled { retry_after_s } =
+            &self
             && let Ok(v) = retry_after_s.to_string().parse()
         {
             resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        // The listener counts failed authentications per client address.
+        match self {
+            ApiError::Unauthorized => {
+                resp.extensions_mut()
+                    .insert(nimbus_core::body::AuthOutcome::Failed);
+            }
+            ApiError::AuthThrottled { .. } => {
+                resp.extensions_mut()
+                    .insert(nimbus_core::body::AuthOutcome::Throttled);
+            }
+            _ => {}
         }
         resp
     }
