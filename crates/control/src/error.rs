@@ -163,3 +163,29 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nimbus_core::body::{AuthOutcome, BodyError};
+
+    #[test]
+    fn body_refusals_keep_their_status() {
+        let status = |e| ApiError::from_body(e).status().as_u16();
+        assert_eq!(status(BodyError::TooLarge { limit: 1 }), 413);
+        assert_eq!(status(BodyError::TimedOut), 408);
+        assert_eq!(status(BodyError::Read), 400);
+    }
+
+    #[test]
+    fn auth_refusals_are_marked_for_the_listener() {
+        let r = ApiError::Unauthorized.into_response();
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Failed));
+        let r = ApiError::AuthThrottled { retry_after_s: 7 }.into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "7");
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Throttled));
+        let r = ApiError::NotFound("x".into()).into_response();
+        assert_eq!(r.extensions().get::<AuthOutcome>(), None);
+    }
+}

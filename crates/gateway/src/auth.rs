@@ -303,4 +303,29 @@ mod tests {
             .expect("n");
         assert!((1..=60).contains(&retry), "{retry}");
     }
+
+    #[test]
+    fn a_throttled_client_is_refused_unchecked_and_failures_are_marked() {
+        let mut ext = http::Extensions::new();
+        assert!(check_throttle(&ext).is_ok());
+        ext.insert(AuthThrottled {
+            retry_after: std::time::Duration::from_millis(2500),
+        });
+        let r = check_throttle(&ext).err().expect("throttled");
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "3");
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Throttled));
+        let (keys, _) = set(&["invoke:*"], None);
+        let r = check_api_key(
+            &keys,
+            &KeyLimiters::default(),
+            &Quotas::default(),
+            &headers("x-api-key", "nmb_guess"),
+            "f",
+            0,
+        )
+        .err()
+        .expect("refused");
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Failed));
+    }
 }
