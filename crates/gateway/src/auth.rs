@@ -311,7 +311,7 @@ mod tests {
         ext.insert(AuthThrottled {
             retry_after: std::time::Duration::from_millis(2500),
         });
-        let r = check_throttle(&ext).err().expect("throttled");
+        let r = check_throttle(&ext).expect_err("throttled");
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "3");
         assert_eq!(r.extensions().get(), Some(&AuthOutcome::Throttled));
