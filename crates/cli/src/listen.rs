@@ -7,23 +7,35 @@
 //! listener stops accepting past `max_connections` (the backlog queues in the kernel
 //! until a slot frees). A request with both Content-Length and Transfer-Encoding is
 //! framed by the latter and its connection closed after the answer (hyper, RFC 9112
-//! 6.1), so nothing can be smuggled behind it.
+//! 6.1), so nothing can be smuggled behind it; requests with ambiguous hosts or
+//! framing are refused before routing (`framing`). Each request body has a deadline
+//! (`body`): past it the answer is 408 and the connection closes. Failed
+//! authentications are counted per client address (`throttle`), and a client past the
+//! limit is told so on its requests, so every credential check answers 429.
+
+mod body;
+mod framing;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
 use clap::Args;
+use http::{HeaderValue, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
+use nimbus_core::api::ErrorBody;
+use nimbus_core::body::AuthOutcome;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
-use tower::util::Oneshot;
 
 #[derive(Args, Clone, Debug)]
 pub struct LimitsArgs {
@@ -39,6 +51,22 @@ pub struct LimitsArgs {
     /// Most connections open at once; more wait in the kernel's accept queue.
     #[arg(long, env = "NIMBUS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Time a client has to send a request body once it is read, before 408...
+    #[arg(long, env = "NIMBUS_BODY_TIMEOUT", default_value = "20s", value_parser = parse_secs)]
+    pub body_timeout: Duration,
+    /// ...extended by one second per this many bytes received (bytes per second).
+    #[arg(long, env = "NIMBUS_BODY_MIN_RATE", default_value_t = 1024)]
+    pub body_min_rate: u64,
+    /// The longest any request body may take, however fast it arrives.
+    #[arg(long, env = "NIMBUS_BODY_MAX_TIME", default_value = "10m", value_parser = parse_secs)]
+    pub body_max_time: Duration,
+    /// Longest request target (path and query), in bytes; longer ones get 414.
+    #[arg(long, env = "NIMBUS_MAX_URI_BYTES", default_value_t = 8 * 1024)]
+    pub max_uri_bytes: usize,
+    /// Failed authentications one client address may make (N/s, N/m or N/h, :BURST)
+    /// before its credential checks answer 429.
+    #[arg(long, env = "NIMBUS_AUTH_FAILURE_RATE", default_value = "10/m:30", value_parser = nimbus_core::keys::parse_rate)]
+    pub auth_failure_rate: nimbus_core::keys::Rate,
     /// How long in-flight requests get to finish at shutdown.
     #[arg(long, env = "NIMBUS_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_secs)]
     pub drain_timeout: Duration,
@@ -71,6 +99,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let guard = Arc::new(Guard::new(limits));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -94,6 +123,7 @@ pub async fn serve(
         let tls = tls.clone();
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
+        let guard = Arc::clone(&guard);
         let first_byte = limits.header_timeout;
         // Shared with any WebSocket this connection upgrades to (see ConnectionSlot).
         let permit = Arc::new(permit);
@@ -118,7 +148,7 @@ pub async fn serve(
                         tls: false,
                         slot,
                     };
-                    serve_io(&builder, watcher, stream, app, conn).await
+                    serve_io(&builder, watcher, stream, app, conn, guard).await
                 }
                 // The handshake gets the same deadline as a request head.
                 Some(acceptor) => {
@@ -136,7 +166,7 @@ pub async fn serve(
                                 tls: true,
                                 slot,
                             };
-                            serve_io(&builder, watcher, tls, app, conn).await;
+                            serve_io(&builder, watcher, tls, app, conn, guard).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -172,32 +202,115 @@ async fn serve_io<I>(
     io: I,
     app: Router,
     conn: Conn,
+    guard: Arc<Guard>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move_app(app, conn));
+    let svc = hyper::service::service_fn(move |req| {
+        handle(app.clone(), conn.clone(), Arc::clone(&guard), req)
+    });
     // With upgrades: a WebSocket route takes the connection over after its 101.
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let _ = watcher.watch(conn.into_owned()).await;
 }
 
-/// The per-connection service: the router, with the peer address where axum's
-/// `ConnectInfo` extractor looks for it, whether it is TLS, the verified client
-/// certificate if any, and the connection's slot.
-fn move_app(
+/// What every request of a listener is held to.
+struct Guard {
+    body: body::BodyDeadline,
+    max_uri: usize,
+    throttle: throttle::AuthThrottle,
+}
+
+impl Guard {
+    fn new(limits: &LimitsArgs) -> Guard {
+        Guard {
+            body: body::BodyDeadline {
+                timeout: limits.body_timeout,
+                min_rate: limits.body_min_rate,
+                max_time: limits.body_max_time.max(limits.body_timeout),
+            },
+            max_uri: limits.max_uri_bytes,
+            throttle: throttle::AuthThrottle::new(limits.auth_failure_rate),
+        }
+    }
+}
+
+/// One request: refused here if its head is ambiguous, otherwise handed to the router
+/// with what the listener knows (the peer address where axum's `ConnectInfo` looks for
+/// it, TLS, the verified client certificate, the connection's slot, whether the
+/// client is throttled for failed authentications) and its body on a deadline.
+async fn handle(
     app: Router,
     conn: Conn,
-) -> impl Fn(http::Request<Incoming>) -> Oneshot<Router, http::Request<axum::body::Body>> + Clone {
-    move |mut req: http::Request<Incoming>| {
-        let ext = req.extensions_mut();
-        ext.insert(ConnectInfo(conn.peer));
-        if conn.tls {
-            ext.insert(nimbus_core::TlsConnection);
-        }
-        if let Some(c) = &conn.cert {
-            ext.insert(c.clone());
-        }
-        ext.insert(conn.slot.clone());
-        app.clone().oneshot(req.map(axum::body::Body::new))
+    guard: Arc<Guard>,
+    mut req: http::Request<Incoming>,
+) -> Result<Response, std::convert::Infallible> {
+    let http1 = req.version() < http::Version::HTTP_2;
+    if let Err(refusal) = framing::check(&req, guard.max_uri) {
+        tracing::debug!(peer = %conn.peer, ?refusal, "request refused before routing");
+        let resp = error(refusal.status(), refusal.code(), refusal.message());
+        return Ok(closing(resp, http1));
     }
+    let ip = conn.peer.ip();
+    let ext = req.extensions_mut();
+    ext.insert(ConnectInfo(conn.peer));
+    if conn.tls {
+        ext.insert(nimbus_core::TlsConnection);
+    }
+    if let Some(c) = &conn.cert {
+        ext.insert(c.clone());
+    }
+    ext.insert(conn.slot.clone());
+    if let Some(throttled) = guard.throttle.check(ip, Instant::now()) {
+        ext.insert(throttled);
+    }
+    let (parts, incoming) = req.into_parts();
+    let (timed, expired) = body::TimedBody::new(incoming, guard.body);
+    let req = http::Request::from_parts(parts, axum::body::Body::new(timed));
+    let resp = app.oneshot(req).await?;
+    match resp.extensions().get::<AuthOutcome>() {
+        Some(AuthOutcome::Failed) => {
+            guard.throttle.fail(ip, Instant::now());
+            metrics::counter!("nimbus_auth_failures_total").increment(1);
+        }
+        Some(AuthOutcome::Throttled) => {
+            metrics::counter!("nimbus_auth_throttled_total").increment(1);
+        }
+        None => {}
+    }
+    // Whatever the handler made of the cut-off body (a 400, a 502 from an upstream
+    // that got half of it), the client was too slow: it gets 408 and no second request.
+    if expired.load(Ordering::Relaxed) {
+        tracing::debug!(peer = %conn.peer, "request body timed out");
+        metrics::counter!("nimbus_body_timeouts_total").increment(1);
+        let resp = error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time",
+        );
+        return Ok(closing(resp, http1));
+    }
+    Ok(resp)
+}
+
+/// The JSON error body every nimbus surface answers with.
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::to_vec(&ErrorBody::new(code, message)).unwrap_or_default();
+    let mut resp = Response::new(axum::body::Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Ends the connection after this answer (HTTP/2 has no such header: hyper resets
+/// only the stream, and the connection stays sound there).
+fn closing(mut resp: Response, http1: bool) -> Response {
+    if http1 {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }

@@ -1,6 +1,7 @@
 //! `serve`'s metering wiring: the invocation recorder, the Prometheus exporter behind
-//! `GET /metrics` (no auth, like `/health`), and the periodic housekeeping (histogram
-//! upkeep, retention), and the persistence of API key quota counters.
+//! `GET /metrics` (the admin token or a `metrics`-scoped API key: it names every
+//! function and route), and the periodic housekeeping (histogram upkeep, retention),
+//! and the persistence of API key quota counters.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use clap::Args;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use nimbus_store::{LogRetention, Recorder, RecorderConfig, Retention};
@@ -120,6 +121,8 @@ pub fn install_exporter() -> anyhow::Result<PrometheusHandle> {
 
 #[derive(Clone)]
 struct MetricsState {
+    /// Whose credentials `/metrics` takes: the platform API's check.
+    auth: nimbus_gateway::GatewayState,
     prometheus: PrometheusHandle,
     recorder: Arc<Recorder>,
     events: Arc<nimbus_store::events::EventLog>,
@@ -127,6 +130,7 @@ struct MetricsState {
 
 /// `GET /metrics`, to be merged outside the admin-token layer.
 pub fn router(
+    auth: nimbus_gateway::GatewayState,
     prometheus: PrometheusHandle,
     recorder: Arc<Recorder>,
     events: Arc<nimbus_store::events::EventLog>,
@@ -134,13 +138,17 @@ pub fn router(
     Router::new()
         .route("/metrics", axum::routing::get(render))
         .with_state(MetricsState {
+            auth,
             prometheus,
             recorder,
             events,
         })
 }
 
-async fn render(State(st): State<MetricsState>) -> impl IntoResponse {
+async fn render(State(st): State<MetricsState>, parts: http::request::Parts) -> Response {
+    if let Err(refused) = nimbus_gateway::platform_auth(&st.auth, &parts, "metrics", "") {
+        return *refused;
+    }
     let s = st.recorder.stats();
     metrics::counter!("nimbus_metering_records_written_total").absolute(s.written);
     metrics::counter!("nimbus_metering_records_dropped_total").absolute(s.dropped);
@@ -158,6 +166,7 @@ async fn render(State(st): State<MetricsState>) -> impl IntoResponse {
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         st.prometheus.render(),
     )
+        .into_response()
 }
 
 /// Histogram upkeep and retention, until aborted.

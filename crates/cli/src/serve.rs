@@ -260,15 +260,17 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     // `/v1/connections/{id}` and `/v1/topics/{t}/events` are the gateway's and take
     // API keys as well as the admin token: merged beside the control API, their routes
     // win over the control API's `/v1/{*rest}` and skip its admin-only middleware.
-    let connections_api = |admin: bool| {
-        nimbus_gateway::platform_router(nimbus_gateway::GatewayState {
-            admin_token_sha256: admin.then(|| nimbus_control::token_digest(&token)),
-            ..gateway_state.clone()
-        })
+    let platform_state = |admin: bool| nimbus_gateway::GatewayState {
+        admin_token_sha256: admin.then(|| nimbus_control::token_digest(&token)),
+        ..gateway_state.clone()
     };
+    let connections_api = |admin: bool| nimbus_gateway::platform_router(platform_state(admin));
     let gateway = nimbus_gateway::router(gateway_state.clone());
     let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
+    // `/metrics` goes where the control API goes and takes the same admin token (or a
+    // `metrics`-scoped key, for Prometheus).
     let control = control.merge(crate::meter::router(
+        platform_state(true),
         prometheus,
         Arc::clone(&recorder),
         Arc::clone(&events),

@@ -442,8 +442,7 @@ fn gateway_metrics_access_log_and_trace_context() {
     assert_eq!(get(&s, "/nowhere", None).status(), 404);
 
     let metrics = s
-        .http()
-        .get(s.url("/metrics"))
+        .admin(reqwest::Method::GET, "/metrics")
         .send()
         .expect("metrics")
         .text()

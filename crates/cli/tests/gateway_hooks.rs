@@ -88,7 +88,10 @@ fn lambda_authorizers_decide_and_their_answers_are_cached() {
     assert_eq!(code(get(&s, "/authz-query?token=wrong", None)).0, 403);
 
     // Denials are counted as auth failures.
-    let metrics = s.http().get(s.url("/metrics")).send().expect("metrics");
+    let metrics = s
+        .admin(reqwest::Method::GET, "/metrics")
+        .send()
+        .expect("metrics");
     let text = metrics.text().expect("text");
     assert!(
         text.lines()

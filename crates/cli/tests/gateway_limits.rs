@@ -159,7 +159,7 @@ fn the_control_api_can_live_on_its_own_listener() {
         200
     );
     assert_eq!(
-        http.get(s.control_url("/metrics"))
+        s.admin(reqwest::Method::GET, "/metrics")
             .send()
             .expect("get")
             .status(),

@@ -203,8 +203,7 @@ fn dechunk(mut s: &str) -> String {
 }
 
 fn metrics(s: &Server) -> String {
-    s.http()
-        .get(s.url("/metrics"))
+    s.admin(reqwest::Method::GET, "/metrics")
         .send()
         .expect("metrics")
         .text()

@@ -228,7 +228,10 @@ fn a_websocket_conversation_with_pushes_and_closes() {
     while ws.read().is_ok() {}
     assert_eq!(disconnect_lines(&s, &own_id, 1), 1);
 
-    let metrics = http.get(s.url("/metrics")).send().expect("metrics");
+    let metrics = s
+        .admin(reqwest::Method::GET, "/metrics")
+        .send()
+        .expect("metrics");
     let text = metrics.text().unwrap_or_default();
     assert!(
         text.contains("nimbus_gateway_websocket_messages_total{direction=\"in\"}"),

@@ -1122,8 +1122,7 @@ fn stem_cells_are_as_isolated_as_fresh_instances() {
     let start_wait = Instant::now();
     loop {
         let metrics = s
-            .http()
-            .get(s.url("/metrics"))
+            .admin(reqwest::Method::GET, "/metrics")
             .send()
             .and_then(|r| r.text())
             .unwrap_or_default();

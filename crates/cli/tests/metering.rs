@@ -166,10 +166,9 @@ fn a_known_workload_shows_in_usage_logs_records_and_metrics() {
     assert_eq!(all.matches(" greeting n").count(), 5, "{all}");
     assert!(s.ok(&["logs", "fails-py"]).contains("about to fail"));
 
-    // Prometheus text, without the admin token.
+    // Prometheus text, with the admin token (it names every function and route).
     let metrics = s
-        .http()
-        .get(s.url("/metrics"))
+        .admin(reqwest::Method::GET, "/metrics")
         .send()
         .expect("GET /metrics");
     assert_eq!(metrics.status(), 200);

@@ -28,6 +28,12 @@ pub enum ApiError {
     /// A body that is not declared as JSON where JSON is taken.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The listener's body deadline passed while the body was read.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    /// This client address failed authentication too often (the listener counts).
+    #[error("too many failed authentications from this address; retry later")]
+    AuthThrottled { retry_after_s: u64 },
     #[error("{function} is throttled")]
     Throttled {
         function: String,
@@ -54,7 +60,10 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Throttled { .. } | ApiError::AuthThrottled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,6 +80,8 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::AuthThrottled { .. } => "too_many_auth_failures",
             ApiError::Throttled { .. } => "throttled",
             ApiError::Unavailable => "unavailable",
             ApiError::Storage(_) => "storage_error",
@@ -90,6 +101,16 @@ impl ApiError {
                 ApiError::Unavailable
             }
             other => ApiError::Storage(other.to_string()),
+        }
+    }
+
+    /// A body the shared reader refused.
+    pub fn from_body(e: nimbus_core::body::BodyError) -> ApiError {
+        use nimbus_core::body::BodyError as B;
+        match e {
+            B::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
+            B::TimedOut => ApiError::RequestTimeout,
+            B::Read => ApiError::BadRequest(e.to_string()),
         }
     }
 
@@ -126,11 +147,50 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut resp =
             (status, Json(ErrorBody::new(self.code(), self.to_string()))).into_response();
-        if let ApiError::Throttled { retry_after_s, .. } = &self
+        if let ApiError::Throttled { retry_after_s, .. } | ApiError::AuthThrottled { retry_after_s } =
+            &self
             && let Ok(v) = retry_after_s.to_string().parse()
         {
             resp.headers_mut().insert(http::header::RETRY_AFTER, v);
         }
+        // The listener counts failed authentications per client address.
+        match self {
+            ApiError::Unauthorized => {
+                resp.extensions_mut()
+                    .insert(nimbus_core::body::AuthOutcome::Failed);
+            }
+            ApiError::AuthThrottled { .. } => {
+                resp.extensions_mut()
+                    .insert(nimbus_core::body::AuthOutcome::Throttled);
+            }
+            _ => {}
+        }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nimbus_core::body::{AuthOutcome, BodyError};
+
+    #[test]
+    fn body_refusals_keep_their_status() {
+        let status = |e| ApiError::from_body(e).status().as_u16();
+        assert_eq!(status(BodyError::TooLarge { limit: 1 }), 413);
+        assert_eq!(status(BodyError::TimedOut), 408);
+        assert_eq!(status(BodyError::Read), 400);
+    }
+
+    #[test]
+    fn auth_refusals_are_marked_for_the_listener() {
+        let r = ApiError::Unauthorized.into_response();
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Failed));
+        let r = ApiError::AuthThrottled { retry_after_s: 7 }.into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "7");
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Throttled));
+        let r = ApiError::NotFound("x".into()).into_response();
+        assert_eq!(r.extensions().get::<AuthOutcome>(), None);
     }
 }

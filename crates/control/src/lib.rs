@@ -153,6 +153,14 @@ async fn settle(State(st): State<Arc<ControlState>>, req: Request, next: Next) -
 }
 
 async fn require_admin(State(st): State<Arc<ControlState>>, req: Request, next: Next) -> Response {
+    // A client past its failed authentications is refused before the token is looked
+    // at, so a right guess then reads the same as a wrong one.
+    if let Some(t) = req.extensions().get::<nimbus_core::body::AuthThrottled>() {
+        return ApiError::AuthThrottled {
+            retry_after_s: t.retry_after_secs(),
+        }
+        .into_response();
+    }
     let presented = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -193,22 +201,24 @@ where
 }
 
 async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Response, ApiError> {
+    let limit = st.unpack_limits.max_archive_bytes;
+    let too_large =
+        || ApiError::PayloadTooLarge(format!("archive exceeds {} MiB", limit / (1024 * 1024)));
+    // From the head, like every other body: a declared size over the limit costs nothing.
+    nimbus_core::body::check_declared(&body, limit).map_err(|_| too_large())?;
     // Stream the upload to disk: archives can be far larger than we want in memory.
     let tmp = tempfile::NamedTempFile::new_in(st.artifacts.tmp_dir())
         .map_err(|e| ApiError::Internal(format!("create upload file: {e}")))?;
     let (std_file, tmp_path) = tmp.into_parts();
     let mut file = tokio::fs::File::from_std(std_file);
-    let limit = st.unpack_limits.max_archive_bytes;
     let mut written: u64 = 0;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| ApiError::BadRequest("could not read the upload".into()))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::from_body(nimbus_core::body::BodyError::from_body_error(&e)))?;
         written += chunk.len() as u64;
         if written > limit {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "archive exceeds {} MiB",
-                limit / (1024 * 1024)
-            )));
+            return Err(too_large());
         }
         file.write_all(&chunk)
             .await
@@ -598,21 +608,11 @@ async fn list_routes(
     blocking(move || Ok(Json(store.routes().map_err(ApiError::from_store)?))).await
 }
 
+/// Reads a JSON or event body with the platform's one reader: a declared length over
+/// `limit` is refused before a byte is read, a body cut off by the listener's
+/// deadline is 408.
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    use http_body_util::BodyExt;
-    // A declared Content-Length over the limit is refused before reading a byte.
-    if http_body::Body::size_hint(&body).lower() > limit as u64 {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "request body exceeds {limit} bytes"
-        )));
-    }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge(
-            format!("request body exceeds {} bytes", limit),
-        )),
-        Err(_) => Err(ApiError::BadRequest(
-            "could not read the request body".into(),
-        )),
-    }
+    nimbus_core::body::read_body(body, limit)
+        .await
+        .map_err(ApiError::from_body)
 }

@@ -21,8 +21,11 @@ const SECRET_HEX: usize = 64;
 /// What a scope may grant. `invoke:F` calls function F through the gateway (and the
 /// upstream routes F's manifest declares), `invoke:*` every route including upstream
 /// routes no function owns (`route add --upstream`), `publish:T` publishes to topic T,
-/// `connections` pushes to WebSocket connections.
-pub const ACTIONS: &[&str] = &["invoke", "publish", "connections"];
+/// `connections` pushes to WebSocket connections, `metrics` reads `/metrics`.
+pub const ACTIONS: &[&str] = &["invoke", "publish", "connections", "metrics"];
+
+/// Scopes that are an action alone, with no resource.
+const BARE: &[&str] = &["connections", "metrics"];
 
 /// A freshly made key: the full text (shown once) and what is stored.
 pub struct NewKey {
@@ -76,9 +79,9 @@ pub fn verify(key: &str, stored: &[u8]) -> bool {
     stored.len() == 32 && bool::from(hash(key)[..].ct_eq(stored))
 }
 
-/// `action:resource` with resource a name or `*`, or `connections`.
+/// `action:resource` with resource a name or `*`, or `connections` or `metrics`.
 pub fn validate_scope(scope: &str) -> Result<(), String> {
-    if scope == "connections" {
+    if BARE.contains(&scope) {
         return Ok(());
     }
     let Some((action, resource)) = scope.split_once(':') else {
@@ -86,9 +89,9 @@ pub fn validate_scope(scope: &str) -> Result<(), String> {
             "scope `{scope}` is not `action:name` (e.g. invoke:hello, publish:orders, invoke:*)"
         ));
     };
-    if !ACTIONS.contains(&action) || action == "connections" {
+    if !ACTIONS.contains(&action) || BARE.contains(&action) {
         return Err(format!(
-            "scope `{scope}`: unknown action `{action}`; allowed: invoke, publish (and the scope `connections`)"
+            "scope `{scope}`: unknown action `{action}`; allowed: invoke, publish (and the scopes `connections`, `metrics`)"
         ));
     }
     if resource != "*" {
@@ -100,8 +103,8 @@ pub fn validate_scope(scope: &str) -> Result<(), String> {
 /// Whether `scopes` grant `action` on `resource`.
 pub fn allows(scopes: &[String], action: &str, resource: &str) -> bool {
     scopes.iter().any(|s| {
-        if s == "connections" {
-            return action == "connections";
+        if BARE.contains(&s.as_str()) {
+            return action == s;
         }
         match s.split_once(':') {
             Some((a, r)) => a == action && (r == "*" || r == resource),
@@ -418,6 +421,12 @@ mod tests {
         assert!(allows(&s, "publish", "orders"));
         assert!(!allows(&s, "connections", "x"));
         assert!(allows(&["connections".to_string()], "connections", "x"));
+        assert!(allows(&["metrics".to_string()], "metrics", ""));
+        assert!(!allows(&["metrics".to_string()], "connections", ""));
+        assert!(!allows(&["connections".to_string()], "metrics", ""));
+        assert!(!allows(&["invoke:*".to_string()], "metrics", ""));
+        assert!(validate_scope("metrics").is_ok());
+        assert!(validate_scope("metrics:x").is_err());
         assert!(validate_scope("invoke:hello").is_ok());
         assert!(validate_scope("invoke:*").is_ok());
         assert!(validate_scope("connections").is_ok());

@@ -8,6 +8,7 @@
 
 use axum::response::Response;
 use http::{HeaderMap, HeaderValue, StatusCode};
+use nimbus_core::body::{AuthOutcome, AuthThrottled};
 use nimbus_core::keys::{self, KeyRefusal, KeySet};
 
 use crate::error_response;
@@ -35,14 +36,46 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// 401 with the JSON error body and a Bearer challenge, for every credential refusal.
+/// 401 with the JSON error body and a Bearer challenge, for every credential refusal;
+/// marked for the listener, which counts them per client address.
 pub(crate) fn unauthorized(message: &str) -> Response {
-    let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let mut r = failed(error_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        message,
+    ));
     r.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"nimbus\""),
     );
     r
+}
+
+/// Marks a refusal as a failed authentication (a wrong or missing credential, an
+/// authorizer's denial) for the listener's count.
+pub(crate) fn failed(mut r: Response) -> Response {
+    r.extensions_mut().insert(AuthOutcome::Failed);
+    r
+}
+
+/// 429 for a client the listener throttled after too many failed authentications,
+/// answered before any credential is looked at: a guess, right or wrong, teaches the
+/// guesser nothing until `Retry-After` has passed.
+pub fn check_throttle(ext: &http::Extensions) -> Result<(), Box<Response>> {
+    let Some(t) = ext.get::<AuthThrottled>() else {
+        return Ok(());
+    };
+    let mut r = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_auth_failures",
+        "too many failed authentications from this address; retry later",
+    );
+    r.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        HeaderValue::from(t.retry_after_secs()),
+    );
+    r.extensions_mut().insert(AuthOutcome::Throttled);
+    Err(Box::new(r))
 }
 
 /// Authenticates an `api_key` route's request for invoking `function`.
@@ -127,12 +160,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// `/v1/topics/{t}/events`): the admin token (Bearer; only where `serve` gave the
 /// gateway its digest), or an API key whose scopes grant `action` on `resource`,
 /// subject to the key's rate limit. The refusal is the finished response.
-pub(crate) fn platform_caller(
+pub fn platform_caller(
     st: &crate::GatewayState,
-    headers: &HeaderMap,
+    parts: &http::request::Parts,
     action: &str,
     resource: &str,
 ) -> Result<(), Box<Response>> {
+    check_throttle(&parts.extensions)?;
+    let headers = &parts.headers;
     let token = bearer(headers);
     if let (Some(t), Some(digest)) = (token, st.admin_token_sha256.as_ref())
         && keys::verify(t, digest)
@@ -267,5 +302,30 @@ mod tests {
             .parse()
             .expect("n");
         assert!((1..=60).contains(&retry), "{retry}");
+    }
+
+    #[test]
+    fn a_throttled_client_is_refused_unchecked_and_failures_are_marked() {
+        let mut ext = http::Extensions::new();
+        assert!(check_throttle(&ext).is_ok());
+        ext.insert(AuthThrottled {
+            retry_after: std::time::Duration::from_millis(2500),
+        });
+        let r = check_throttle(&ext).expect_err("throttled");
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "3");
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Throttled));
+        let (keys, _) = set(&["invoke:*"], None);
+        let r = check_api_key(
+            &keys,
+            &KeyLimiters::default(),
+            &Quotas::default(),
+            &headers("x-api-key", "nmb_guess"),
+            "f",
+            0,
+        )
+        .err()
+        .expect("refused");
+        assert_eq!(r.extensions().get(), Some(&AuthOutcome::Failed));
     }
 }

@@ -124,7 +124,13 @@ pub(crate) async fn authorize(
         return Err(crate::auth::unauthorized("missing credentials"));
     };
     let key = cache_key(&spec.function, route_key, &values);
-    let forbidden = || error_response(StatusCode::FORBIDDEN, "forbidden", "forbidden");
+    let forbidden = || {
+        crate::auth::failed(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "forbidden",
+        ))
+    };
     if spec.ttl_ms > 0
         && let Some((allowed, context)) = st.authorizers.get(&key)
     {

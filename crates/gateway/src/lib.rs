@@ -38,7 +38,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
 use http::{HeaderValue, StatusCode};
-use http_body_util::BodyExt;
 use nimbus_core::api::ErrorBody;
 use nimbus_core::keys::KeySet;
 use nimbus_core::routes::{RouteMatch, RouteTable};
@@ -100,6 +99,18 @@ pub fn platform_router(state: GatewayState) -> Router {
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state),
     )
+}
+
+/// The platform API's credential check, for surfaces outside the gateway (`/metrics`):
+/// the admin token where `state` carries its digest, or an API key granting `action`
+/// on `resource`; failures count toward the client's throttle. Err is the answer.
+pub fn platform_auth(
+    state: &GatewayState,
+    parts: &http::request::Parts,
+    action: &str,
+    resource: &str,
+) -> Result<(), Box<Response>> {
+    auth::platform_caller(state, parts, action, resource)
 }
 
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
@@ -254,6 +265,12 @@ pub(crate) async fn admit(
             }
         }
     }
+    if entry.auth != AuthKind::None
+        && let Err(resp) = auth::check_throttle(&parts.extensions)
+    {
+        observe::throttled(route_key, "auth_failures");
+        return Err(*resp);
+    }
     let caller = match entry.auth {
         AuthKind::None => None,
         AuthKind::ApiKey => {
@@ -303,11 +320,11 @@ pub(crate) async fn admit(
         AuthKind::Mtls => {
             if parts.extensions.get::<nimbus_core::ClientCert>().is_none() {
                 observe::auth_failure(route_key, 401);
-                return Err(error_response(
+                return Err(auth::failed(error_response(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "a valid client certificate is required",
-                ));
+                )));
             }
             None
         }
@@ -579,23 +596,16 @@ pub(crate) fn payload_too_large(limit: usize) -> Response {
     )
 }
 
-/// Reads a body up to `limit` bytes; past it, 413 with the JSON error body.
+/// Reads a body of at most `limit` bytes with the platform's one body reader (a
+/// declared length over it is refused before reading); a refusal is the finished
+/// answer: 413, 408 when the listener's body deadline passed, 400.
 pub async fn read_limited(body: Body, limit: usize) -> Result<Bytes, Response> {
-    let too_large = || payload_too_large(limit);
-    // A declared Content-Length over the limit is refused before reading a byte.
-    if http_body::Body::size_hint(&body).lower() > limit as u64 {
-        return Err(too_large());
-    }
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "could not read the request body",
-        )),
-    }
+    nimbus_core::body::read_body(body, limit)
+        .await
+        .map_err(|e| {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            error_response(status, e.code(), &e.to_string())
+        })
 }
 
 /// Who a protected route let through.

@@ -23,7 +23,7 @@ pub(crate) async fn publish(
     req: Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    if let Err(r) = auth::platform_caller(&st, &parts.headers, "publish", &topic) {
+    if let Err(r) = auth::platform_caller(&st, &parts, "publish", &topic) {
         return *r;
     }
     let Some(publisher) = st.publisher.clone() else {

@@ -204,12 +204,23 @@ struct Forwarding<'a> {
     request_id: &'a str,
 }
 
-/// The headers sent upstream: the caller's, minus hop-by-hop ones, the caller's
-/// `Host` (the upstream gets its own) and, behind an `api_key` route, the nimbus
-/// credential; plus where the request came from.
+/// The headers sent upstream: the caller's, minus hop-by-hop ones, names with an
+/// underscore, the caller's `Host` (the upstream gets its own) and, behind an
+/// `api_key` route, the nimbus credential; plus where the request came from.
 fn forward_headers(incoming: &HeaderMap, strip_credentials: bool, f: &Forwarding<'_>) -> HeaderMap {
     let mut h = incoming.clone();
     strip_hop_headers(&mut h);
+    // CGI and WSGI servers turn `-` and `_` alike into `_` (`Content_Length` becomes
+    // CONTENT_LENGTH), so such a name can stand in for a framing or trusted header
+    // behind this proxy; nginx drops them too (`underscores_in_headers off`).
+    let underscored: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        h.remove(name);
+    }
     h.remove(HOST);
     h.remove("x-nimbus-request-id");
     if strip_credentials {
@@ -513,6 +524,9 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("x-custom", "kept"),
             ("x-nimbus-request-id", "forged"),
+            ("transfer_encoding", "chunked"),
+            ("content_length", "5"),
+            ("x_forwarded_for", "10.9.9.9"),
         ] {
             h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
         }
@@ -531,6 +545,9 @@ mod tests {
             "host",
             "x-api-key",
             "authorization",
+            "transfer_encoding",
+            "content_length",
+            "x_forwarded_for",
         ] {
             assert!(!out.contains_key(gone), "{gone} forwarded");
         }

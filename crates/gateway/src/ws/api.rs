@@ -10,7 +10,8 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use axum::routing::post;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::request::Parts;
+use http::{HeaderValue, StatusCode};
 
 use super::MAX_MESSAGE_BYTES;
 use super::registry::SendError;
@@ -33,14 +34,14 @@ fn gone(id: &str) -> Response {
     )
 }
 
-fn authorize(st: &GatewayState, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    auth::platform_caller(st, headers, "connections", "")
+fn authorize(st: &GatewayState, parts: &Parts) -> Result<(), Box<Response>> {
+    auth::platform_caller(st, parts, "connections", "")
 }
 
 /// `PostToConnection`: the body goes to the client as one frame, text when UTF-8.
 async fn push(State(st): State<GatewayState>, Path(id): Path<String>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    if let Err(r) = authorize(&st, &parts.headers) {
+    if let Err(r) = authorize(&st, &parts) {
         return *r;
     }
     let Some(conn) = st.connections.get(&id) else {
@@ -69,9 +70,9 @@ async fn push(State(st): State<GatewayState>, Path(id): Path<String>, req: Reque
 async fn describe(
     State(st): State<GatewayState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    parts: Parts,
 ) -> Response {
-    if let Err(r) = authorize(&st, &headers) {
+    if let Err(r) = authorize(&st, &parts) {
         return *r;
     }
     let Some(conn) = st.connections.get(&id).filter(|c| !c.is_closed()) else {
@@ -97,12 +98,8 @@ async fn describe(
 }
 
 /// `DeleteConnection`: closes with 1000; the socket task runs `$disconnect`.
-async fn close(
-    State(st): State<GatewayState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = authorize(&st, &headers) {
+async fn close(State(st): State<GatewayState>, Path(id): Path<String>, parts: Parts) -> Response {
+    if let Err(r) = authorize(&st, &parts) {
         return *r;
     }
     let Some(conn) = st.connections.get(&id) else {
