@@ -78,7 +78,7 @@ fn bodies_that_never_arrive_or_trickle_get_408_and_slow_fine_ones_are_served() {
     // The control API's bodies are on the same deadline.
     let token = s.token();
     let head = format!(
-        "POST /v1/functions/any-route/invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{"
+        "POST /v1/functions/any-route/invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
     );
     let (answer, took) = exchange(&s, head.as_bytes());
     assert_eq!(status_of(&answer), 408, "{answer}");
