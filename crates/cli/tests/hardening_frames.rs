@@ -136,51 +136,59 @@ fn an_unparsable_or_injected_frame_ends_the_instance_in_python_and_node() {
     }
 }
 
-/// A frame that arrives while the instance sits idle (here: the runtime's real result,
-/// left over after the handler forged one with its own request id) retires the instance
-/// before anyone else is served by it; the next caller never sees an error for it.
+/// A frame left over after a result (here: the runtime's real result, after the handler
+/// forged one with its own request id) never answers the next caller. Either it arrives
+/// before the instance is frozen and the idle check retires the instance (the next
+/// caller starts cold, without an error), or the freezer stops the runtime before it is
+/// written and it arrives once the instance is thawed for the next call, whose id it
+/// does not carry (that call is a 502 `function_crashed`). In an exec function an
+/// untagged extra frame ends the instance in the call that wrote it.
 #[test]
-fn a_frame_written_while_idle_retires_the_instance_without_an_error() {
+fn a_frame_left_over_after_a_result_never_answers_the_next_caller() {
     let s = Server::start();
     deploy(&s, "frames-py");
-    deploy(&s, "frames-exec-legacy");
-    for (function, mode, first) in [
-        ("frames-py", "forge", "forged"),
-        // An untagged (legacy) instance cannot be checked by id: the idle check is
-        // what keeps its extra frame from answering the next caller.
-        ("frames-exec-legacy", "inject", "injected"),
-    ] {
-        for round in 0..3u64 {
-            let n = 1000 * (round + 1);
-            let (status, env) = invoke(&s, function, &json!({ "n": n, "mode": mode }));
-            // The function answered its own call with what it wrote: its own business.
-            assert_eq!(status, 200, "{function}: {env}");
-            assert!(
-                env["result"] == json!({ "n": first }) || env["result"] == json!({ "n": n }),
-                "{function}: {env}"
-            );
-            // Its real result is on the channel by now, while the instance sits idle.
-            std::thread::sleep(Duration::from_millis(500));
-            let (status, env) = invoke(&s, function, &json!({ "n": n + 1 }));
-            assert!(
-                own_or_crashed(function, n + 1, status, &env),
-                "{function}: {env}"
-            );
-            assert_eq!(
-                env["coldStart"], true,
-                "{function}: the stale instance served: {env}"
-            );
-            all_own(&s, function, n + 2, 5);
+    deploy(&s, "frames-exec");
+    for round in 0..3u64 {
+        let n = 1000 * (round + 1);
+        let (status, env) = invoke(&s, "frames-py", &json!({ "n": n, "mode": "forge" }));
+        // The function answered its own call with what it wrote: its own business.
+        assert_eq!(status, 200, "{env}");
+        assert_eq!(env["result"], json!({ "n": "forged" }), "{env}");
+        std::thread::sleep(Duration::from_millis(300));
+        let (status, env) = invoke(&s, "frames-py", &json!({ "n": n + 1 }));
+        if own_or_crashed("frames-py", n + 1, status, &env) {
+            assert_eq!(env["coldStart"], true, "the stale instance served: {env}");
         }
+        all_own(&s, "frames-py", n + 2, 5);
+
+        let (status, env) = invoke(&s, "frames-exec", &json!({ "n": n, "mode": "inject" }));
+        assert!(!own_or_crashed("frames-exec", n, status, &env), "{env}");
+        let cold = all_own(&s, "frames-exec", n + 1, 5);
+        assert!(cold[0], "a new instance after the crash: {cold:?}");
+    }
+}
+
+/// An instance that does not tag its results (the protocol before result tags) is never
+/// invoked: the caller gets the init error that says what the protocol asks.
+#[test]
+fn an_instance_that_does_not_tag_its_results_is_refused_at_init() {
+    let s = Server::start();
+    deploy(&s, "frames-exec-untagged");
+    for _ in 0..2 {
+        let (status, env) = invoke(&s, "frames-exec-untagged", &json!({ "n": 1 }));
+        let text = env.to_string();
+        assert_ne!(env["status"], "success", "{status}: {text}");
+        assert!(text.contains("Runtime.UntaggedResults"), "{status}: {text}");
+        assert!(text.contains("taggedResults"), "{status}: {text}");
     }
 }
 
 /// Well-behaved functions are unaffected: 20 distinct calls, each its own result, warm
-/// after the first, in every runtime and in a legacy exec function without result tags.
+/// after the first, in every runtime and in an exec function that tags by hand.
 #[test]
 fn well_behaved_functions_get_their_own_results_warm() {
     let s = Server::start();
-    for f in ["frames-py", "frames-node", "frames-exec-legacy"] {
+    for f in ["frames-py", "frames-node", "frames-exec"] {
         deploy(&s, f);
         let cold = all_own(&s, f, 1, 20);
         assert!(!cold[1..].iter().any(|c| *c), "{f}: {cold:?}");
@@ -215,7 +223,7 @@ fn assert_invalid_result(what: &str, status: u16, body: &Value, why: &str) {
 fn undecodable_results_are_502_invalid_result_on_the_api() {
     let s = Server::start();
     deploy(&s, "frames-py");
-    deploy(&s, "frames-exec-legacy");
+    deploy(&s, "frames-exec");
     let (status, env) = invoke(
         &s,
         "frames-py",
@@ -232,7 +240,7 @@ fn undecodable_results_are_502_invalid_result_on_the_api() {
         let (status, env) = invoke(&s, "frames-py", &json!({ "mode": "deep", "depth": depth }));
         assert_invalid_result(&format!("depth {depth}"), status, &env, &too_deep);
     }
-    let (status, env) = invoke(&s, "frames-exec-legacy", &json!({ "mode": "bad-utf8" }));
+    let (status, env) = invoke(&s, "frames-exec", &json!({ "mode": "bad-utf8" }));
     assert_invalid_result("bad UTF-8", status, &env, "invalid UTF-8 at byte 10");
     // The instance answered in protocol: it keeps serving.
     let (status, env) = invoke(&s, "frames-py", &json!({ "n": 1 }));
@@ -245,7 +253,7 @@ fn undecodable_results_are_502_invalid_result_on_the_api() {
 fn undecodable_results_are_502_invalid_result_on_a_route() {
     let s = Server::start();
     deploy(&s, "frames-py");
-    deploy(&s, "frames-exec-legacy");
+    deploy(&s, "frames-exec");
     let get = |path: &str| {
         let r = s.http().get(s.url(path)).send().expect("route");
         let status = r.status().as_u16();

@@ -132,7 +132,11 @@ impl Live {
         let frame = self.next_frame(limit).await.map_err(ReadyError::Run)?;
         match frame.kind {
             Kind::Ready => {
-                self.tagged = protocol::Ready::parse(&frame.payload).tagged_results;
+                let ready = protocol::Ready::parse(&frame.payload);
+                self.tagged = ready.tagged_results;
+                if !ready.tagged_results && !ready.stem {
+                    return Err(ReadyError::InitFailed(untagged_instance()));
+                }
                 Ok(())
             }
             Kind::InitFailed => Err(ReadyError::InitFailed(parse_error(&frame.payload))),
@@ -226,7 +230,10 @@ impl Live {
             )));
         }
         if !self.tagged {
-            return Ok(frame);
+            // `wait_ready` refuses such instances; a result from one is never trusted.
+            return Err(RunError::Broken(
+                "a result from an instance that does not tag its results".into(),
+            ));
         }
         match protocol::untag(&frame.payload, request_id) {
             Some(payload) => Ok(Frame {
@@ -378,6 +385,20 @@ fn result_status(frame: Frame) -> Result<InvokeStatus, RunError> {
         Ok(()) => InvokeStatus::Success(frame.payload),
         Err(why) => InvokeStatus::InvalidResult(why),
     })
+}
+
+/// Why an instance that cannot prove which invocation a result answers is never
+/// invoked: untagged, a frame its handler writes would answer the next caller
+/// (docs/runtime-protocol.md, "Result ownership").
+fn untagged_instance() -> FunctionError {
+    FunctionError {
+        error_type: "Runtime.UntaggedResults".into(),
+        error_message: "the instance's R frame must announce \"taggedResults\": true and \
+            start every result frame with its invocation's request id \
+            (docs/runtime-protocol.md)"
+            .into(),
+        stack_trace: vec![],
+    }
 }
 
 fn parse_error(payload: &[u8]) -> FunctionError {

@@ -109,11 +109,15 @@ pub struct Ready {
     /// Its `S` and `E` payloads begin with the invocation's request id and a newline.
     #[serde(default)]
     pub tagged_results: bool,
+    /// A stem cell's first `R`, before it has a function: it answers no invocation yet,
+    /// so it need not announce tags (the `R` after its `A` must).
+    #[serde(default)]
+    pub stem: bool,
 }
 
 impl Ready {
-    /// A payload that is not the object we know (older shims send anything) reads as
-    /// an untagged instance: it still works, without the ownership check.
+    /// A payload that is not the object we know reads as an untagged instance, which
+    /// the host refuses to invoke.
     pub fn parse(payload: &[u8]) -> Ready {
         serde_json::from_slice(payload).unwrap_or_default()
     }
