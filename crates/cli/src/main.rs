@@ -20,6 +20,7 @@ mod jwks;
 mod keys;
 mod listen;
 mod meter;
+mod owner;
 mod route;
 mod scale;
 mod serve;

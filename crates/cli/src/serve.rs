@@ -133,6 +133,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let data_dir = data_dir
         .canonicalize()
         .with_context(|| format!("resolve data dir {}", data_dir.display()))?;
+    // Before anything touches the data dir or reaps cgroups: a live server may own them.
+    let claim = crate::owner::claim(&data_dir)?;
     let token = admin_token(&data_dir)?;
 
     let store = Arc::new(
@@ -162,6 +164,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         init_exe: std::env::current_exe().context("locate the nimbus binary")?,
         insecure_no_sandbox: args.insecure_no_sandbox,
         parent: args.cgroup_parent.clone(),
+        owner: Some(claim.cgroup.clone()),
     })
     .map_err(|e| {
         anyhow::anyhow!(

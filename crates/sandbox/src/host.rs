@@ -32,6 +32,10 @@ pub struct HostConfig {
     pub insecure_no_sandbox: bool,
     /// Name of the parent cgroup that holds every instance's cgroup.
     pub parent: String,
+    /// This server's own cgroup below `parent` (one per data dir): its instances live
+    /// there, and only there does start-up reap what an earlier run left. Other servers
+    /// sharing `parent` keep their instances. `None`: the caller owns all of `parent`.
+    pub owner: Option<String>,
 }
 
 impl Default for HostConfig {
@@ -42,6 +46,7 @@ impl Default for HostConfig {
             init_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             insecure_no_sandbox: false,
             parent: "nimbus".to_string(),
+            owner: None,
         }
     }
 }
@@ -52,12 +57,22 @@ impl Default for HostConfig {
 struct Shared {
     config: HostConfig,
     layout: Option<Layout>,
+    /// `parent` or `parent/owner`: where instance cgroups are made.
+    instance_parent: String,
     parent_dirs: Vec<PathBuf>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         cgroup::remove_parent(&self.parent_dirs);
+        if self.config.owner.is_some() {
+            let shared: Vec<PathBuf> = self
+                .parent_dirs
+                .iter()
+                .filter_map(|d| d.parent().map(Path::to_path_buf))
+                .collect();
+            cgroup::remove_parent(&shared);
+        }
     }
 }
 
@@ -104,12 +119,17 @@ impl Host {
     /// Checks the host can sandbox, finds the cgroup layout and creates the parent
     /// cgroup(s). With `insecure_no_sandbox` it checks nothing and warns loudly.
     pub fn detect(config: HostConfig) -> Result<Host, Error> {
-        if !crate::spec::valid_id(&config.parent) {
-            return Err(Error::Detect(format!(
-                "cgroup parent name {:?} must be [A-Za-z0-9_-]",
-                config.parent
-            )));
+        for name in std::iter::once(&config.parent).chain(config.owner.as_ref()) {
+            if !crate::spec::valid_id(name) {
+                return Err(Error::Detect(format!(
+                    "cgroup parent name {name:?} must be [A-Za-z0-9_-]"
+                )));
+            }
         }
+        let instance_parent = match &config.owner {
+            Some(owner) => format!("{}/{owner}", config.parent),
+            None => config.parent.clone(),
+        };
         if config.insecure_no_sandbox {
             tracing::warn!(
                 "SANDBOX DISABLED (--insecure-no-sandbox): functions run as plain processes \
@@ -120,6 +140,7 @@ impl Host {
                 shared: Arc::new(Shared {
                     config,
                     layout: None,
+                    instance_parent,
                     parent_dirs: Vec::new(),
                 }),
                 slirp4netns: None,
@@ -140,7 +161,7 @@ impl Host {
         let mounts = mountinfo::parse_mountinfo(&read("self/mountinfo")?);
         let layout = mountinfo::choose_layout(&mounts, &config.cgroup_root, &read("self/cgroup")?)
             .map_err(Error::Detect)?;
-        let parent_dirs = cgroup::create_parent(&layout, &config.parent)?;
+        let parent_dirs = cgroup::create_parent(&layout, &instance_parent)?;
         let stale = cgroup::reap_stale(&parent_dirs);
         if stale > 0 {
             tracing::warn!(
@@ -152,6 +173,7 @@ impl Host {
             shared: Arc::new(Shared {
                 config,
                 layout: Some(layout),
+                instance_parent,
                 parent_dirs,
             }),
             slirp4netns: find_slirp4netns(),
@@ -273,7 +295,7 @@ impl Host {
             return self.start(spec, init, None);
         };
         let cg =
-            InstanceCgroup::create(layout, &self.shared.config.parent, &spec.id, &spec.limits)?;
+            InstanceCgroup::create(layout, &self.shared.instance_parent, &spec.id, &spec.limits)?;
         let init = InitSpec::new(spec, cg.procs_files(), true);
         self.start(spec, init, Some(cg))
     }
