@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod build;
+mod capacity;
 mod client;
 mod cron;
 mod init;
@@ -121,6 +122,8 @@ enum Command {
     Scale(scale::ScaleArgs),
     /// List running instances (of one function, or all).
     Instances { name: Option<String> },
+    /// Show the server's instance budget, what is in use and what floors ask for.
+    Status,
     /// Usage per function: invocations, errors, cold starts, GB-seconds, latency, memory.
     Usage(usage::UsageArgs),
     /// Print what a function wrote to stdout/stderr, per invocation (-f to follow).
@@ -234,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evict { name } => client::evict(&g, &name),
         Command::Scale(args) => scale::scale(&g, &args),
         Command::Instances { name } => scale::instances(&g, name.as_deref()),
+        Command::Status => capacity::status(&g),
         Command::Usage(args) => usage::usage(&g, &args),
         Command::Logs(args) => usage::logs(&g, &args),
         Command::Init(args) => init::run(&args),

@@ -97,6 +97,8 @@ pub struct ServeArgs {
     #[arg(long, env = "NIMBUS_ASYNC_RETRY_BASE", default_value = "1s", value_parser = nimbus_core::duration::parse_duration)]
     pub async_retry_base: std::time::Duration,
     #[command(flatten)]
+    pub capacity: crate::capacity::CapacityArgs,
+    #[command(flatten)]
     pub metering: crate::meter::MeteringArgs,
     #[command(flatten)]
     pub limits: crate::listen::LimitsArgs,
@@ -182,6 +184,13 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     })
     .context("start the WebAssembly host")?;
     let region = std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into());
+    let budget = crate::capacity::budget(&args.capacity);
+    tracing::info!(
+        max_instances = budget.max_instances,
+        max_memory_mb = budget.max_memory_mb,
+        "instance budget"
+    );
+    let capacity = nimbus_core::capacity::Capacity::new(budget);
     let worker = nimbus_worker::Worker::new(
         nimbus_worker::WorkerConfig {
             runtime_dir: data_dir.join("runtimes"),
@@ -193,6 +202,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             uid_base: args.uid_base,
             stem_cells: args.stem_cells,
             egress_allow_host_loopback: args.egress_allow_host_loopback,
+            capacity: Arc::clone(&capacity),
         },
         Arc::clone(&store),
         Arc::clone(&artifacts),
@@ -224,6 +234,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         applied: vec![routes_gen, keys_gen],
         region: region.clone(),
         wasm,
+        capacity,
     }));
     // After the worker (it invokes) and the event log (it reads and settles).
     let broker = nimbus_broker::Broker::spawn(

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -93,4 +94,113 @@ fn servers_sharing_a_cgroup_parent_keep_each_others_instances() {
         assert_eq!((cold, msg), (Value::Bool(false), format!("hello {name}")));
     }
     assert_eq!(instance_ids(&s2, "hello"), vec![id2]);
+}
+
+fn status(s: &Server) -> Value {
+    s.json(&["status"])
+}
+
+#[test]
+fn the_host_budget_refuses_floors_that_cannot_fit_and_throttles_past_it() {
+    let s = Server::start_args(&["--max-instances", "2"]);
+    let st = status(&s);
+    assert_eq!(st["budget"]["max_instances"], 2, "{st}");
+    let mem_total_mb = std::fs::read_to_string("/proc/meminfo")
+        .expect("meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("MemTotal")
+        / 1024;
+    let mem = st["budget"]["max_memory_mb"].as_u64().unwrap_or(0);
+    assert!(
+        mem > 0 && mem <= mem_total_mb * 3 / 4,
+        "default memory budget {mem} MB"
+    );
+
+    // A floor of 1000 instances is refused at deploy, naming the budget; nothing stored.
+    let f = fixture("host-min1000");
+    let out = s.cli(&["deploy", f.to_str().expect("path")]);
+    assert!(!out.status.success(), "min_instances = 1000 deployed");
+    let err = stderr_of(&out);
+    assert!(err.contains("budget (2 instances"), "{err}");
+    let manifest = std::fs::read_to_string(f.join("nimbus.toml")).expect("manifest");
+    let archive = tar_with(&manifest, |raw| {
+        raw_entry(
+            raw,
+            "main.py",
+            b"def handler(e, c):\n    return 1\n",
+            "0000644",
+        )
+    });
+    let r = s
+        .admin(reqwest::Method::POST, "/v1/functions")
+        .body(archive)
+        .send()
+        .expect("deploy");
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().expect("json");
+    assert_eq!(body["error"]["code"], "over_capacity", "{body}");
+    assert!(
+        !s.cli(&["get", "host-min1000"]).status.success(),
+        "stored anyway"
+    );
+
+    // The same through scale: refused, the scaling unchanged.
+    s.ok(&["deploy", fixture("sleepy-py").to_str().expect("path")]);
+    let r = s
+        .admin(reqwest::Method::POST, "/v1/functions/sleepy-py/scale")
+        .json(&serde_json::json!({"min_instances": 1000, "max_instances": 1000}))
+        .send()
+        .expect("scale");
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().expect("json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("budget (2 instances"),
+        "{body}"
+    );
+    let got = s.json(&["get", "sleepy-py"]);
+    assert_eq!(got["config"]["concurrency"]["min_instances"], 0, "{got}");
+    assert_eq!(status(&s)["floor"]["instances"], 0);
+
+    // At run time: two instances run, the third cold start is 429, never a third sandbox.
+    let call = |secs: &str| {
+        let url = s.url(&format!("/sleepy?sleep={secs}"));
+        std::thread::spawn(move || {
+            let r = reqwest::blocking::Client::new()
+                .get(url)
+                .send()
+                .expect("GET");
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").is_some(),
+                r.text().unwrap_or_default(),
+            )
+        })
+    };
+    let busy = [call("6"), call("6")];
+    wait_for("two instances in use", Duration::from_secs(20), || {
+        (status(&s)["usage"]["instances"] == 2).then_some(())
+    });
+    let (code, retry_after, body) = call("0").join().expect("third");
+    assert_eq!(code, 429, "{body}");
+    assert!(retry_after, "429 without Retry-After");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["error"]["code"], "throttled", "{body}");
+    assert_eq!(instance_ids(&s, "sleepy-py").len(), 2);
+    let table = s.ok(&["status"]);
+    assert!(
+        table.contains("budget") && table.contains("in use"),
+        "{table}"
+    );
+    for b in busy {
+        let (code, _, body) = b.join().expect("busy call");
+        assert_eq!(code, 200, "{body}");
+    }
+    // Within the budget again: served warm.
+    let r = s.json(&["invoke", "sleepy-py"]);
+    assert_eq!(r["coldStart"], false, "{r}");
 }

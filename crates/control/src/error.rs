@@ -25,6 +25,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A change whose `min_instances` floors would not fit the host's budget.
+    #[error("{0}")]
+    OverCapacity(String),
     #[error("{function} is throttled")]
     Throttled {
         function: String,
@@ -47,7 +50,8 @@ impl ApiError {
             ApiError::BadRequest(_)
             | ApiError::InvalidManifest(_)
             | ApiError::InvalidArchive(_)
-            | ApiError::InvalidComponent(_) => StatusCode::BAD_REQUEST,
+            | ApiError::InvalidComponent(_)
+            | ApiError::OverCapacity(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -66,6 +70,7 @@ impl ApiError {
             ApiError::InvalidComponent(_) => "invalid_component",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::OverCapacity(_) => "over_capacity",
             ApiError::Throttled { .. } => "throttled",
             ApiError::Unavailable => "unavailable",
             ApiError::Storage(_) => "storage_error",

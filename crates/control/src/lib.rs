@@ -10,6 +10,7 @@
 //! routing (routes reach the gateway through the store's change feed).
 #![forbid(unsafe_code)]
 
+mod capacity;
 mod error;
 mod invocations;
 mod keys;
@@ -66,6 +67,8 @@ pub struct ControlState {
     pub region: String,
     /// Compiles and checks `wasm` functions at deploy (and fills the compile cache).
     pub wasm: Arc<nimbus_wasm::Host>,
+    /// The host's instance budget, shared with the worker that reserves from it.
+    pub capacity: Arc<nimbus_core::capacity::Capacity>,
 }
 
 pub fn token_digest(token: &str) -> [u8; 32] {
@@ -88,6 +91,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/evict", post(evict))
         .route("/v1/functions/{name}/scale", post(scaling::scale))
         .route("/v1/instances", get(scaling::list_instances))
+        .route("/v1/status", get(capacity::status))
         .route(
             "/v1/routes",
             get(list_routes).post(routes::add).delete(routes::remove),
@@ -259,6 +263,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         // Topics are checked before the version is stored, so a manifest naming a
         // missing topic is refused with nothing changed.
         subscriptions::check_manifest(&st2.events, &config)?;
+        capacity::check_deploy(&st2, &config)?;
         let result = st2
             .store
             .deploy(&ingested.digest, ingested.size, &config)

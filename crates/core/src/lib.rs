@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod capacity;
 pub mod cron;
 pub mod duration;
 pub mod events;

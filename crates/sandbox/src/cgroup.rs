@@ -153,6 +153,34 @@ pub(crate) fn remove_parent(dirs: &[PathBuf]) {
     }
 }
 
+/// Instance cgroups that would not go when their instance did (EBUSY: a task still
+/// leaving, a kernel slow to let go). Kept and retried until they are gone, so a host
+/// never accumulates them.
+#[derive(Debug, Default)]
+pub(crate) struct Leftovers(std::sync::Mutex<Vec<InstanceCgroup>>);
+
+impl Leftovers {
+    pub(crate) fn add(&self, cg: InstanceCgroup) {
+        self.lock().push(cg);
+    }
+
+    /// Kills what is inside each and removes it again; returns how many are left.
+    pub(crate) fn retry(&self, patience: Duration) -> usize {
+        let mut left = std::mem::take(&mut *self.lock());
+        left.retain(|cg| {
+            cg.kill_all();
+            !cg.remove(patience)
+        });
+        let mut kept = self.lock();
+        kept.extend(left);
+        kept.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<InstanceCgroup>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[derive(Debug)]
 enum Dirs {
     V1 {
@@ -802,6 +830,27 @@ mod tests {
         }
         assert!(cg.remove(Duration::from_millis(20)));
         assert!(!tmp.path().join("memory/nb/r").exists());
+    }
+
+    #[test]
+    fn leftovers_are_retried_until_gone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), false);
+        create_parent(&layout, "nb").expect("parent");
+        let cg = InstanceCgroup::create(&layout, "nb", "busy", &Limits::default()).expect("create");
+        // Files inside make rmdir fail, as a cgroup with a task still leaving does.
+        assert!(!cg.remove(Duration::from_millis(5)));
+        let dirs = cg.dirs().to_vec();
+        let left = Leftovers::default();
+        left.add(cg);
+        assert_eq!(left.retry(Duration::from_millis(5)), 1);
+        for d in &dirs {
+            for f in fs::read_dir(d).expect("ls") {
+                fs::remove_file(f.expect("entry").path()).expect("rm");
+            }
+        }
+        assert_eq!(left.retry(Duration::from_millis(5)), 0);
+        assert!(dirs.iter().all(|d| !d.exists()));
     }
 
     #[test]

@@ -60,10 +60,13 @@ struct Shared {
     /// `parent` or `parent/owner`: where instance cgroups are made.
     instance_parent: String,
     parent_dirs: Vec<PathBuf>,
+    /// Instance cgroups that outlived their instance, for [`Host::retire_leftovers`].
+    leftovers: cgroup::Leftovers,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        self.leftovers.retry(Duration::from_millis(100));
         cgroup::remove_parent(&self.parent_dirs);
         if self.config.owner.is_some() {
             let shared: Vec<PathBuf> = self
@@ -142,6 +145,7 @@ impl Host {
                     layout: None,
                     instance_parent,
                     parent_dirs: Vec::new(),
+                    leftovers: Default::default(),
                 }),
                 slirp4netns: None,
                 stems: false,
@@ -175,6 +179,7 @@ impl Host {
                 layout: Some(layout),
                 instance_parent,
                 parent_dirs,
+                leftovers: Default::default(),
             }),
             slirp4netns: find_slirp4netns(),
             stems: stem::supported(),
@@ -257,6 +262,12 @@ impl Host {
     /// `None` when running without a sandbox.
     pub fn cgroup_version(&self) -> Option<CgroupVersion> {
         self.shared.layout.as_ref().map(Layout::version)
+    }
+
+    /// Kills and removes, again, instance cgroups that would not go when their instance
+    /// was dropped; returns how many are still left. Blocks for up to a few ms each.
+    pub fn retire_leftovers(&self) -> usize {
+        self.shared.leftovers.retry(Duration::from_millis(20))
     }
 
     /// The parent cgroup directories instances are created in (empty without sandbox).
@@ -394,7 +405,7 @@ impl Host {
             namespaces: init.namespaces,
             slirp: None,
             init: None,
-            _shared: self.shared.clone(),
+            shared: self.shared.clone(),
         };
         if let (Some(allow_host_loopback), Some(sock)) = (egress, &init_host) {
             // On failure `inst` drops: init and its cgroup go, and init (which only
@@ -607,7 +618,7 @@ pub struct Instance {
     slirp: Option<Slirp>,
     /// A stem cell's channel to its init; `None` inside once it broke (fail closed).
     init: Option<Mutex<Option<OwnedFd>>>,
-    _shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 /// How long init may take to answer a request (it answers in well under a millisecond;
@@ -832,8 +843,10 @@ impl Drop for Instance {
         if self.wait().is_err() {
             tracing::warn!(id = %self.id, "could not reap sandbox init");
         }
-        if let Some(cg) = &self.cgroup {
-            cg.remove(Duration::from_secs(2));
+        if let Some(cg) = self.cgroup.take()
+            && !cg.remove(Duration::from_secs(2))
+        {
+            self.shared.leftovers.add(cg);
         }
     }
 }

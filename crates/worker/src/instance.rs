@@ -28,6 +28,9 @@ pub(crate) struct Live {
     pub last_cpu_ms: Option<f64>,
     /// The uid this instance runs as, handed back when it is dropped.
     pub uid: Option<crate::uids::UidLease>,
+    /// Its share of the host's budget, given back after `sandbox` (declared first, so
+    /// dropped first) has killed it.
+    pub reservation: Option<nimbus_core::capacity::Reservation>,
 }
 
 pub(crate) enum RunError {
@@ -61,6 +64,7 @@ impl Live {
             last_peak_bytes: None,
             last_cpu_ms: None,
             uid: None,
+            reservation: None,
         })
     }
 

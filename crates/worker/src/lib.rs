@@ -76,6 +76,8 @@ pub struct WorkerConfig {
     /// Lets `network = "egress"` functions reach the host's loopback (off by default:
     /// the control API listens there).
     pub egress_allow_host_loopback: bool,
+    /// The host's budget: every sandboxed instance reserves its share before it starts.
+    pub capacity: Arc<nimbus_core::capacity::Capacity>,
 }
 
 pub struct Worker {
@@ -283,9 +285,18 @@ impl Inner {
         let mut live = match pool.checkout() {
             Some(l) => l,
             None => {
+                // Past the host's budget a cold start is throttled like a full pool:
+                // the host is never overcommitted.
+                let Some(share) = self.reserve(&pool).await else {
+                    metering::throttled(&pool.function);
+                    return Err(InvokeError::Throttled {
+                        function: pool.function.clone(),
+                        retry_after_s: 1,
+                    });
+                };
                 outcome.cold_start = true;
                 let started = Instant::now();
-                match self.start_registered(&pool, State::Busy).await {
+                match self.start_registered(&pool, State::Busy, share).await {
                     Ok(l) => {
                         outcome.init_duration_ms = Some(ms(started.elapsed()));
                         l
@@ -445,14 +456,43 @@ impl Inner {
         &self,
         pool: &Pool,
         state: State,
+        share: nimbus_core::capacity::Reservation,
     ) -> Result<Live, (InvokeStatus, String)> {
         pool.starting.fetch_add(1, Ordering::SeqCst);
-        let started = self.start_instance(pool).await;
+        let started = self.start_instance(pool, share).await;
         if let Ok(live) = &started {
             pool.register(live, state);
         }
         pool.starting.fetch_sub(1, Ordering::SeqCst);
         started
+    }
+
+    /// A share of the host's budget for one instance of `pool`. When the budget is
+    /// spent, one idle instance another pool can spare (above its `min_instances`) is
+    /// retired to make room, and the share is awaited up to the queue timeout.
+    async fn reserve(&self, pool: &Pool) -> Option<nimbus_core::capacity::Reservation> {
+        let capacity = &self.cfg.capacity;
+        let memory_mb = pool.config.memory_mb;
+        if let Some(r) = capacity.try_reserve(memory_mb) {
+            return Some(r);
+        }
+        let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        let spare = pools.iter().find(|p| {
+            p.idle_count() > 0
+                && (p.is_draining() || p.total() > p.config.concurrency.min_instances as usize)
+        });
+        if let Some(p) = spare {
+            let mut once = true;
+            p.retire_idle(|_| std::mem::take(&mut once));
+        }
+        let deadline = Instant::now() + self.cfg.queue_timeout;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(r) = capacity.try_reserve(memory_mb) {
+                return Some(r);
+            }
+        }
+        None
     }
 
     fn arn(&self, function: &str, target: &nimbus_core::Target) -> String {
