@@ -25,6 +25,7 @@ mod owner;
 mod route;
 mod scale;
 mod serve;
+mod storage;
 mod subscribe;
 mod tls;
 mod topic;

@@ -278,7 +278,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         })
     };
     let gateway = nimbus_gateway::router(gateway_state.clone());
-    let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
+    let storage_full = crate::storage::spawn_probe(data_dir.clone());
+    let health = || crate::storage::health_router(storage_full.clone());
     let control = control.merge(crate::meter::router(
         prometheus,
         Arc::clone(&recorder),

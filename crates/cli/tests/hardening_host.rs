@@ -204,3 +204,169 @@ fn the_host_budget_refuses_floors_that_cannot_fit_and_throttles_past_it() {
     let r = s.json(&["invoke", "sleepy-py"]);
     assert_eq!(r["coldStart"], false, "{r}");
 }
+
+/// A tmpfs mounted for one test, unmounted (lazily, so a straggler cannot fail it)
+/// when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "mount a tmpfs (the test needs root)");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes 1 MiB blocks into `path` until the filesystem refuses (ENOSPC).
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create filler");
+    let block = vec![0x5au8; 1 << 20];
+    loop {
+        match f.write_all(&block) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("fill: {e}"),
+        }
+    }
+    let _ = f.sync_all();
+}
+
+fn health(s: &Server) -> String {
+    let r = s.http().get(s.url("/health")).send().expect("health");
+    assert_eq!(r.status(), 200);
+    r.text().unwrap_or_default()
+}
+
+fn metric(s: &Server, name: &str) -> Option<f64> {
+    let text = s
+        .admin(reqwest::Method::GET, "/metrics")
+        .send()
+        .expect("metrics")
+        .text()
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The writes the issue lists: (what, status, error code).
+fn writes(s: &Server, n: u32) -> Vec<(&'static str, u16, String)> {
+    let code = |r: reqwest::blocking::Response| {
+        let status = r.status().as_u16();
+        let body: Value = r.json().unwrap_or(Value::Null);
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let manifest =
+        format!("name = \"filler-{n}\"\nruntime = \"python3\"\nhandler = \"main.handler\"\n");
+    let archive = tar_with(&manifest, |raw| {
+        raw_entry(
+            raw,
+            "main.py",
+            b"def handler(e, c):\n    return 1\n",
+            "0000644",
+        )
+    });
+    let mut out = Vec::new();
+    let r = s
+        .admin(reqwest::Method::POST, "/v1/functions")
+        .body(archive)
+        .send();
+    let (st, c) = code(r.expect("deploy"));
+    out.push(("deploy", st, c));
+    let r = s
+        .admin(reqwest::Method::POST, "/v1/functions/hello/invoke")
+        .header("x-nimbus-invocation-type", "Event")
+        .json(&serde_json::json!({"name": "async"}))
+        .send();
+    let (st, c) = code(r.expect("async invoke"));
+    out.push(("async invoke", st, c));
+    let r = s
+        .admin(reqwest::Method::POST, "/v1/topics")
+        .json(&serde_json::json!({"name": format!("t{n}")}))
+        .send();
+    let (st, c) = code(r.expect("topic create"));
+    out.push(("topic create", st, c));
+    let r = s
+        .admin(reqwest::Method::POST, "/v1/topics/orders/events")
+        .header("content-type", "application/cloudevents+json")
+        .json(&serde_json::json!({"specversion": "1.0", "id": format!("e{n}"), "source": "test", "type": "t"}))
+        .send();
+    let (st, c) = code(r.expect("publish"));
+    out.push(("publish", st, c));
+    out
+}
+
+#[test]
+fn a_full_data_dir_answers_507_stays_healthy_for_reads_and_recovers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let _mount = Tmpfs::mount(&data, "64m");
+    let s = Server::start_with(&data, &[]);
+    s.ok(&["deploy", example("python-hello").to_str().expect("path")]);
+    s.ok(&["topic", "create", "orders"]);
+    assert_eq!(hello(&s, "warm").1, "hello warm");
+    assert_eq!(health(&s), "ok\n");
+    assert_eq!(metric(&s, "nimbus_storage_full"), Some(0.0));
+
+    fill(&data.join("filler"));
+    wait_for("/health to say degraded", Duration::from_secs(10), || {
+        health(&s).starts_with("degraded").then_some(())
+    });
+    assert_eq!(metric(&s, "nimbus_storage_full"), Some(1.0));
+    for (what, status, code) in writes(&s, 1) {
+        assert_eq!(
+            (what, status, code.as_str()),
+            (what, 507, "insufficient_storage")
+        );
+    }
+    // What needs no write is still served: sync invokes, over the CLI and a route.
+    for name in ["a", "b"] {
+        assert_eq!(hello(&s, name).1, format!("hello {name}"));
+    }
+    let r = s
+        .http()
+        .get(s.url("/hello/route"))
+        .send()
+        .expect("GET route");
+    assert_eq!(r.status(), 200);
+    // Two seconds full: the state change is logged once, the checkpoint failure at
+    // most once, not every 500 ms.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = s.stderr();
+    assert_eq!(log.matches("the data dir is full").count(), 1, "{log}");
+    assert!(log.matches("event log checkpoint").count() <= 1, "{log}");
+
+    std::fs::remove_file(data.join("filler")).expect("free space");
+    wait_for("/health to say ok", Duration::from_secs(10), || {
+        (health(&s) == "ok\n").then_some(())
+    });
+    assert_eq!(metric(&s, "nimbus_storage_full"), Some(0.0));
+    let after = writes(&s, 2);
+    let want = [
+        ("deploy", 201),
+        ("async invoke", 202),
+        ("topic create", 201),
+        ("publish", 200),
+    ];
+    for ((what, status, code), (w, st)) in after.into_iter().zip(want) {
+        assert_eq!((what, status), (w, st), "{code}");
+    }
+    assert_eq!(s.stderr().matches("has room again").count(), 1);
+}

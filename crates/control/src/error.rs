@@ -38,6 +38,10 @@ pub enum ApiError {
     /// Disk or database trouble: shown as a generic message, logged in full.
     #[error("storage error")]
     Storage(String),
+    /// The data dir is full: the write was refused, nothing of it kept. Logged once
+    /// per change by the server's storage probe, not per request.
+    #[error("{}", nimbus_core::storage::FULL_MESSAGE)]
+    StorageFull,
     #[error("internal error")]
     Internal(String),
 }
@@ -56,6 +60,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -74,6 +79,7 @@ impl ApiError {
             ApiError::Throttled { .. } => "throttled",
             ApiError::Unavailable => "unavailable",
             ApiError::Storage(_) => "storage_error",
+            ApiError::StorageFull => "insufficient_storage",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -85,6 +91,7 @@ impl ApiError {
             S::Conflict(m) => ApiError::Conflict(m),
             S::RouteConflict(c) => ApiError::Conflict(c.to_string()),
             S::Invalid(m) => ApiError::BadRequest(m),
+            S::StorageFull(_) => ApiError::StorageFull,
             S::Unavailable(m) => {
                 tracing::error!(error = %m, "event log unavailable");
                 ApiError::Unavailable
@@ -94,10 +101,21 @@ impl ApiError {
     }
 
     pub fn from_artifacts(e: nimbus_artifacts::Error) -> ApiError {
-        if e.is_invalid_input() {
+        if e.is_storage_full() {
+            ApiError::StorageFull
+        } else if e.is_invalid_input() {
             ApiError::InvalidArchive(e.to_string())
         } else {
             ApiError::Storage(e.to_string())
+        }
+    }
+
+    /// A failed disk write of the API itself (`what` says which, for the log).
+    pub fn from_io(what: &str, e: std::io::Error) -> ApiError {
+        if nimbus_core::storage::io_is_full(&e) {
+            ApiError::StorageFull
+        } else {
+            ApiError::Storage(format!("{what}: {e}"))
         }
     }
 

@@ -197,7 +197,7 @@ where
 async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Response, ApiError> {
     // Stream the upload to disk: archives can be far larger than we want in memory.
     let tmp = tempfile::NamedTempFile::new_in(st.artifacts.tmp_dir())
-        .map_err(|e| ApiError::Internal(format!("create upload file: {e}")))?;
+        .map_err(|e| ApiError::from_io("create upload file", e))?;
     let (std_file, tmp_path) = tmp.into_parts();
     let mut file = tokio::fs::File::from_std(std_file);
     let limit = st.unpack_limits.max_archive_bytes;
@@ -214,7 +214,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         }
         file.write_all(&chunk)
             .await
-            .map_err(|e| ApiError::Storage(format!("write upload: {e}")))?;
+            .map_err(|e| ApiError::from_io("write upload", e))?;
     }
     if written == 0 {
         return Err(ApiError::BadRequest(
@@ -223,7 +223,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
     }
     file.flush()
         .await
-        .map_err(|e| ApiError::Storage(format!("write upload: {e}")))?;
+        .map_err(|e| ApiError::from_io("write upload", e))?;
     drop(file);
 
     let st2 = Arc::clone(&st);

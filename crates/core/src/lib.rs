@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod retry;
 pub mod route_options;
 pub mod routes;
+pub mod storage;
 pub mod subscription;
 
 pub use invoke::{

@@ -696,7 +696,10 @@ fn write_loop(rx: &Receiver<Msg>, conn: &Mutex<Connection>, counters: &Counters,
                 }
                 Err(e) => {
                     counters.failed.fetch_add(n, Ordering::Relaxed);
-                    tracing::error!(error = %e, records = n, "write invocation records");
+                    // A full disk is logged once per change by the server's probe.
+                    if !matches!(e, crate::Error::StorageFull(_)) {
+                        tracing::error!(error = %e, records = n, "write invocation records");
+                    }
                 }
             }
         }
