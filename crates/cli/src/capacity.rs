@@ -109,6 +109,11 @@ pub fn status(g: &Global) -> anyhow::Result<ExitCode> {
         n("floor", "memory_mb"),
     ]);
     println!("{t}");
+    if v["storage_full"] == true {
+        println!("storage: FULL (writes answer 507 until space is freed)");
+    } else {
+        println!("storage: ok");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -222,6 +222,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let events = nimbus_store::events::EventLog::open(&data_dir.join("events.db"))
         .context("open the event log")?;
     let event_upkeep = crate::meter::spawn_event_retention(Arc::clone(&events), &args.metering)?;
+    let storage_full = crate::storage::spawn_probe(data_dir.clone());
     let control = nimbus_control::router(Arc::new(nimbus_control::ControlState {
         store: Arc::clone(&store),
         events: Arc::clone(&events),
@@ -235,6 +236,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         region: region.clone(),
         wasm,
         capacity,
+        storage_full: storage_full.clone(),
     }));
     // After the worker (it invokes) and the event log (it reads and settles).
     let broker = nimbus_broker::Broker::spawn(
@@ -278,7 +280,6 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         })
     };
     let gateway = nimbus_gateway::router(gateway_state.clone());
-    let storage_full = crate::storage::spawn_probe(data_dir.clone());
     let health = || crate::storage::health_router(storage_full.clone());
     let control = control.merge(crate::meter::router(
         prometheus,

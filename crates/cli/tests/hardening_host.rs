@@ -330,6 +330,8 @@ fn a_full_data_dir_answers_507_stays_healthy_for_reads_and_recovers() {
         health(&s).starts_with("degraded").then_some(())
     });
     assert_eq!(metric(&s, "nimbus_storage_full"), Some(1.0));
+    assert_eq!(status(&s)["storage_full"], true);
+    assert!(s.ok(&["status"]).contains("storage: FULL"));
     for (what, status, code) in writes(&s, 1) {
         assert_eq!(
             (what, status, code.as_str()),
@@ -358,6 +360,7 @@ fn a_full_data_dir_answers_507_stays_healthy_for_reads_and_recovers() {
         (health(&s) == "ok\n").then_some(())
     });
     assert_eq!(metric(&s, "nimbus_storage_full"), Some(0.0));
+    assert_eq!(status(&s)["storage_full"], false);
     let after = writes(&s, 2);
     let want = [
         ("deploy", 201),

@@ -99,6 +99,8 @@ pub(crate) struct StatusResponse {
     usage: Usage,
     /// What every live version's `min_instances` asks for.
     floor: Usage,
+    /// The data dir is full: writes answer 507 until space is freed.
+    storage_full: bool,
 }
 
 pub(crate) async fn status(
@@ -110,5 +112,6 @@ pub(crate) async fn status(
         budget: st.capacity.budget(),
         usage: st.capacity.usage(),
         floor,
+        storage_full: *st.storage_full.borrow(),
     }))
 }

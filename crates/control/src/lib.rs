@@ -69,6 +69,8 @@ pub struct ControlState {
     pub wasm: Arc<nimbus_wasm::Host>,
     /// The host's instance budget, shared with the worker that reserves from it.
     pub capacity: Arc<nimbus_core::capacity::Capacity>,
+    /// Whether the data dir is full now (the server's storage probe).
+    pub storage_full: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn token_digest(token: &str) -> [u8; 32] {
