@@ -51,6 +51,16 @@ fn warm_server(data: &Path, parent: &str) -> (Server, String) {
     (s, ids[0].clone())
 }
 
+/// Instance cgroup directories called `id` under `parent`, in any hierarchy.
+fn cgroups_named(parent: &str, id: &str) -> Vec<String> {
+    let out = std::process::Command::new("find")
+        .args(["/sys/fs/cgroup", "-maxdepth", "5", "-type", "d", "-path"])
+        .arg(format!("*/{parent}/*/{id}"))
+        .output()
+        .expect("find");
+    stdout_of(&out).lines().map(str::to_string).collect()
+}
+
 #[test]
 fn servers_sharing_a_cgroup_parent_keep_each_others_instances() {
     let parent = format!("nimbus-host-{}-shared", std::process::id());
@@ -59,18 +69,22 @@ fn servers_sharing_a_cgroup_parent_keep_each_others_instances() {
         tempfile::tempdir().expect("tmp"),
     );
     let (d1, d2) = (t1.path().join("data"), t2.path().join("data"));
-    let (mut s1, _) = warm_server(&d1, &parent);
+    let (mut s1, id1) = warm_server(&d1, &parent);
     let (s2, id2) = warm_server(&d2, &parent);
 
     // s1 dies without cleaning up and comes back: its start-up reaps what it left, and
     // nothing of s2's.
     s1.kill9();
+    assert!(!cgroups_named(&parent, &id1).is_empty(), "no orphan to reap");
     let s1 = Server::start_on(&d1, "127.0.0.1:0", Some(parent.clone()));
     let (cold, msg) = hello(&s2, "c");
     assert_eq!(msg, "hello c");
     assert_eq!(cold, false, "s2's instance survived s1's restart");
     assert_eq!(instance_ids(&s2, "hello"), vec![id2.clone()]);
     assert_eq!(hello(&s1, "d").0, true, "s1 starts afresh");
+    // ... having reaped its own orphan, which no server would ever talk to again.
+    assert!(cgroups_named(&parent, &id1).is_empty(), "s1's orphan left");
+    assert!(!cgroups_named(&parent, &id2).is_empty(), "s2's cgroup gone");
 
     // A second server on s2's data dir is refused before it touches anything.
     let o = std::process::Command::new(BIN)
