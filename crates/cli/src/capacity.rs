@@ -52,6 +52,17 @@ pub fn budget(args: &CapacityArgs) -> Budget {
     }
 }
 
+/// The budget, logged once, shared by the worker (reserves) and control (checks).
+pub fn shared(args: &CapacityArgs) -> std::sync::Arc<nimbus_core::capacity::Capacity> {
+    let b = budget(args);
+    tracing::info!(
+        max_instances = b.max_instances,
+        max_memory_mb = b.max_memory_mb,
+        "instance budget"
+    );
+    nimbus_core::capacity::Capacity::new(b)
+}
+
 /// `MemTotal` of `/proc/meminfo`, in bytes.
 fn mem_total_bytes(meminfo: &str) -> Option<u64> {
     let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;

@@ -184,13 +184,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     })
     .context("start the WebAssembly host")?;
     let region = std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into());
-    let budget = crate::capacity::budget(&args.capacity);
-    tracing::info!(
-        max_instances = budget.max_instances,
-        max_memory_mb = budget.max_memory_mb,
-        "instance budget"
-    );
-    let capacity = nimbus_core::capacity::Capacity::new(budget);
+    let capacity = crate::capacity::shared(&args.capacity);
     let worker = nimbus_worker::Worker::new(
         nimbus_worker::WorkerConfig {
             runtime_dir: data_dir.join("runtimes"),

@@ -75,7 +75,10 @@ fn servers_sharing_a_cgroup_parent_keep_each_others_instances() {
     // s1 dies without cleaning up and comes back: its start-up reaps what it left, and
     // nothing of s2's.
     s1.kill9();
-    assert!(!cgroups_named(&parent, &id1).is_empty(), "no orphan to reap");
+    assert!(
+        !cgroups_named(&parent, &id1).is_empty(),
+        "no orphan to reap"
+    );
     let s1 = Server::start_on(&d1, "127.0.0.1:0", Some(parent.clone()));
     let (cold, msg) = hello(&s2, "c");
     assert_eq!(msg, "hello c");
@@ -217,6 +220,22 @@ fn the_host_budget_refuses_floors_that_cannot_fit_and_throttles_past_it() {
     // Within the budget again: served warm.
     let r = s.json(&["invoke", "sleepy-py"]);
     assert_eq!(r["coldStart"], false, "{r}");
+
+    // A call waiting at a spent budget takes an instance the moment one goes idle.
+    let busy = [call("1.5"), call("1.5")];
+    wait_for("both instances busy", Duration::from_secs(5), || {
+        let list = s.json(&["instances", "sleepy-py"]);
+        let n = list
+            .as_array()
+            .map_or(0, |l| l.iter().filter(|i| i["state"] == "busy").count());
+        (n == 2).then_some(())
+    });
+    let (code, _, body) = call("0").join().expect("waiting call");
+    assert_eq!(code, 200, "{body}");
+    for b in busy {
+        assert_eq!(b.join().expect("busy call").0, 200);
+    }
+    assert_eq!(instance_ids(&s, "sleepy-py").len(), 2);
 }
 
 /// A tmpfs mounted for one test, unmounted (lazily, so a straggler cannot fail it)

@@ -282,18 +282,18 @@ impl Inner {
             return Ok(outcome);
         }
 
-        let mut live = match pool.checkout() {
-            Some(l) => l,
+        let mut live = match self.warm_or_share(&pool).await {
+            Some(Slot::Warm(l)) => *l,
+            // Past the host's budget a cold start is throttled like a full pool: the
+            // host is never overcommitted.
             None => {
-                // Past the host's budget a cold start is throttled like a full pool:
-                // the host is never overcommitted.
-                let Some(share) = self.reserve(&pool).await else {
-                    metering::throttled(&pool.function);
-                    return Err(InvokeError::Throttled {
-                        function: pool.function.clone(),
-                        retry_after_s: 1,
-                    });
-                };
+                metering::throttled(&pool.function);
+                return Err(InvokeError::Throttled {
+                    function: pool.function.clone(),
+                    retry_after_s: 1,
+                });
+            }
+            Some(Slot::Cold(share)) => {
                 outcome.cold_start = true;
                 let started = Instant::now();
                 match self.start_registered(&pool, State::Busy, share).await {
@@ -467,14 +467,19 @@ impl Inner {
         started
     }
 
-    /// A share of the host's budget for one instance of `pool`. When the budget is
-    /// spent, one idle instance another pool can spare (above its `min_instances`) is
-    /// retired to make room, and the share is awaited up to the queue timeout.
-    async fn reserve(&self, pool: &Pool) -> Option<nimbus_core::capacity::Reservation> {
+    /// A warm instance of `pool`, or a share of the host's budget to start one. When
+    /// the budget is spent, one idle instance another pool can spare (above its
+    /// `min_instances`) is retired to make room, and whichever comes first (a share, or
+    /// one of `pool`'s instances going idle) is awaited up to the queue timeout.
+    async fn warm_or_share(&self, pool: &Pool) -> Option<Slot> {
         let capacity = &self.cfg.capacity;
         let memory_mb = pool.config.memory_mb;
-        if let Some(r) = capacity.try_reserve(memory_mb) {
-            return Some(r);
+        let ready = || match pool.checkout() {
+            Some(l) => Some(Slot::Warm(Box::new(l))),
+            None => capacity.try_reserve(memory_mb).map(Slot::Cold),
+        };
+        if let Some(slot) = ready() {
+            return Some(slot);
         }
         let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
         let spare = pools.iter().find(|p| {
@@ -488,8 +493,8 @@ impl Inner {
         let deadline = Instant::now() + self.cfg.queue_timeout;
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if let Some(r) = capacity.try_reserve(memory_mb) {
-                return Some(r);
+            if let Some(slot) = ready() {
+                return Some(slot);
             }
         }
         None
@@ -505,6 +510,12 @@ impl Inner {
             self.cfg.region
         )
     }
+}
+
+/// Where an invocation runs: an idle instance, or a new one started on its share.
+enum Slot {
+    Warm(Box<Live>),
+    Cold(nimbus_core::capacity::Reservation),
 }
 
 /// The directory an interpreter outside `/usr` is installed in (`/opt/py/bin/python3` ->
