@@ -236,6 +236,31 @@ fn the_host_budget_refuses_floors_that_cannot_fit_and_throttles_past_it() {
         assert_eq!(b.join().expect("busy call").0, 200);
     }
     assert_eq!(instance_ids(&s, "sleepy-py").len(), 2);
+
+    // Moving `live` to a version whose floor no longer fits is refused as well.
+    let dir = tempfile::tempdir().expect("tmp");
+    let deploy_min = |name: &str, min: u32| {
+        let d = dir.path().join(format!("{name}-{min}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("main.py"), "def handler(e, c):\n    return 1\n").expect("w");
+        let manifest = format!(
+            "name = \"{name}\"\nruntime = \"python3\"\nhandler = \"main.handler\"\n\
+             concurrency = {{ min_instances = {min}, max_instances = 2 }}\n"
+        );
+        std::fs::write(d.join("nimbus.toml"), manifest).expect("w");
+        s.json(&["deploy", d.to_str().expect("path")])["version"].clone()
+    };
+    assert_eq!(deploy_min("floored", 1), 1);
+    assert_eq!(deploy_min("floored", 0), 2);
+    deploy_min("other", 2);
+    let out = s.cli(&["alias", "set", "floored", "live", "1"]);
+    assert!(!out.status.success(), "live moved past the budget");
+    assert!(
+        stderr_of(&out).contains("budget (2 instances"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(status(&s)["floor"]["instances"], 2);
 }
 
 /// A tmpfs mounted for one test, unmounted (lazily, so a straggler cannot fail it)

@@ -61,6 +61,20 @@ pub(crate) fn check_deploy(st: &ControlState, config: &FunctionConfig) -> Result
     )
 }
 
+/// Before `live` of `name` moves to `version` (its floor becomes the function's).
+pub(crate) fn check_live(st: &ControlState, name: &str, version: u32) -> Result<(), ApiError> {
+    let store = &st.store;
+    let (Some(f), Some(v)) = (
+        store.get_function(name).map_err(ApiError::from_store)?,
+        store
+            .get_version(name, version)
+            .map_err(ApiError::from_store)?,
+    ) else {
+        return Ok(()); // set_alias answers 404
+    };
+    fits(st, floors_except(store, name)? + floor(&v.config, &f.scale))
+}
+
 /// Before `nimbus scale` changes `name`'s overrides.
 pub(crate) fn check_scale(
     st: &ControlState,

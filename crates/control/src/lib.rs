@@ -265,6 +265,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         // Topics are checked before the version is stored, so a manifest naming a
         // missing topic is refused with nothing changed.
         subscriptions::check_manifest(&st2.events, &config)?;
+        let _floors = st2.capacity.lock_floors();
         capacity::check_deploy(&st2, &config)?;
         let result = st2
             .store
@@ -467,6 +468,10 @@ async fn set_alias(
     let req: SetAliasRequest = parse_json(&bytes)?;
     let store = Arc::clone(&st.store);
     blocking(move || {
+        let _floors = st.capacity.lock_floors();
+        if alias == "live" {
+            capacity::check_live(&st, &name, req.version)?;
+        }
         let row = store
             .set_alias(&name, &alias, req.version)
             .map_err(ApiError::from_store)?;

@@ -27,6 +27,9 @@ pub struct Usage {
 pub struct Capacity {
     budget: Budget,
     used: Mutex<Usage>,
+    /// Held from a floor check to the write it allows, so two changes cannot both fit
+    /// alone and overflow together.
+    floor_changes: Mutex<()>,
 }
 
 /// One instance's share of the budget, given back when dropped.
@@ -41,6 +44,7 @@ impl Capacity {
         Arc::new(Capacity {
             budget,
             used: Mutex::new(Usage::default()),
+            floor_changes: Mutex::new(()),
         })
     }
 
@@ -79,6 +83,11 @@ impl Capacity {
             "the floor of all functions' min_instances ({} instances, {} MB) does not fit this server's budget ({} instances, {} MB; serve --max-instances, --max-instance-memory)",
             floor.instances, floor.memory_mb, b.max_instances, b.max_memory_mb
         ))
+    }
+
+    /// Serializes changes to floors: hold it across the check and the write.
+    pub fn lock_floors(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.floor_changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Usage> {
