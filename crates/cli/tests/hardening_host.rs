@@ -253,13 +253,18 @@ fn the_host_budget_refuses_floors_that_cannot_fit_and_throttles_past_it() {
     assert_eq!(deploy_min("floored", 1), 1);
     assert_eq!(deploy_min("floored", 0), 2);
     deploy_min("other", 2);
-    let out = s.cli(&["alias", "set", "floored", "live", "1"]);
-    assert!(!out.status.success(), "live moved past the budget");
-    assert!(
-        stderr_of(&out).contains("budget (2 instances"),
-        "{}",
-        stderr_of(&out)
-    );
+    for args in [
+        &["alias", "set", "floored", "live", "1"][..],
+        &["rollback", "floored"][..],
+    ] {
+        let out = s.cli(args);
+        assert!(
+            !out.status.success(),
+            "{args:?}: live moved past the budget"
+        );
+        let err = stderr_of(&out);
+        assert!(err.contains("budget (2 instances"), "{args:?}: {err}");
+    }
     assert_eq!(status(&s)["floor"]["instances"], 2);
 }
 

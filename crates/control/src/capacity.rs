@@ -75,6 +75,30 @@ pub(crate) fn check_live(st: &ControlState, name: &str, version: u32) -> Result<
     fits(st, floors_except(store, name)? + floor(&v.config, &f.scale))
 }
 
+/// Before a rollback of `live`: the version it would land on (the newest below the
+/// current one) must fit, as for `alias set`.
+pub(crate) fn check_rollback(st: &ControlState, name: &str) -> Result<(), ApiError> {
+    let store = &st.store;
+    let Some(from) = store
+        .get_function(name)
+        .map_err(ApiError::from_store)?
+        .and_then(|f| f.live_version)
+    else {
+        return Ok(()); // rollback answers 404
+    };
+    let to = store
+        .list_versions(name)
+        .map_err(ApiError::from_store)?
+        .into_iter()
+        .map(|v| v.version)
+        .filter(|v| *v < from)
+        .max();
+    match to {
+        Some(to) => check_live(st, name, to),
+        None => Ok(()), // rollback answers 409
+    }
+}
+
 /// Before `nimbus scale` changes `name`'s overrides.
 pub(crate) fn check_scale(
     st: &ControlState,

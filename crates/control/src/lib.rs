@@ -500,6 +500,10 @@ async fn rollback(
     let alias = req.alias.unwrap_or_else(|| "live".into());
     let store = Arc::clone(&st.store);
     blocking(move || {
+        let _floors = st.capacity.lock_floors();
+        if alias == "live" {
+            capacity::check_rollback(&st, &name)?;
+        }
         let (from, to) = store
             .rollback(&name, &alias)
             .map_err(ApiError::from_store)?;
