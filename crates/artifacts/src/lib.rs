@@ -100,6 +100,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when a write failed because the disk (or a quota) is full: ENOSPC, EDQUOT.
+    /// Checked before [`Error::is_invalid_input`]: a full disk can surface while an
+    /// archive is being read and extracted.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::ReadTree { source, .. }
+            | Error::Extract { source, .. }
+            | Error::Store { source, .. }
+            | Error::WriteArchive(source)
+            | Error::ReadArchive(source) => matches!(
+                source.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            ),
+            _ => false,
+        }
+    }
+
     /// True when the caller's input is at fault (a 4xx for the control API); false for
     /// failures of this machine (a 5xx).
     pub fn is_invalid_input(&self) -> bool {
@@ -122,5 +139,23 @@ impl Error {
     ) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
         move |source| Error::Store { op, path, source }
+    }
+}
+
+#[cfg(test)]
+mod storage_full_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_not_the_callers_fault() {
+        let full = Error::Extract {
+            path: PathBuf::from("x"),
+            source: io::Error::from_raw_os_error(28),
+        };
+        assert!(full.is_storage_full());
+        let read = Error::ReadArchive(io::Error::from_raw_os_error(122));
+        assert!(read.is_storage_full(), "EDQUOT while extracting");
+        let bad = Error::ReadArchive(io::Error::new(io::ErrorKind::InvalidData, "truncated"));
+        assert!(!bad.is_storage_full() && bad.is_invalid_input());
     }
 }

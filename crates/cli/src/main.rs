@@ -16,6 +16,7 @@
 mod term;
 
 mod build;
+mod capacity;
 mod client;
 mod cron;
 mod init;
@@ -24,9 +25,11 @@ mod jwks;
 mod keys;
 mod listen;
 mod meter;
+mod owner;
 mod route;
 mod scale;
 mod serve;
+mod storage;
 mod subscribe;
 mod tls;
 mod topic;
@@ -128,6 +131,8 @@ enum Command {
     Scale(scale::ScaleArgs),
     /// List running instances (of one function, or all).
     Instances { name: Option<String> },
+    /// Show the server's instance budget, what is in use and what floors ask for.
+    Status,
     /// Usage per function: invocations, errors, cold starts, GB-seconds, latency, memory.
     Usage(usage::UsageArgs),
     /// Print what a function wrote to stdout/stderr, per invocation (-f to follow).
@@ -242,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evict { name } => client::evict(&g, &name),
         Command::Scale(args) => scale::scale(&g, &args),
         Command::Instances { name } => scale::instances(&g, name.as_deref()),
+        Command::Status => capacity::status(&g),
         Command::Usage(args) => usage::usage(&g, &args),
         Command::Logs(args) => usage::logs(&g, &args),
         Command::Init(args) => init::run(&args),

@@ -253,6 +253,8 @@ pub async fn write_quotas(store: Arc<nimbus_store::Store>, quotas: &nimbus_gatew
     {
         Ok(Ok(())) => {}
         // The counts stay in memory and the next change writes them (absolute values).
+        // A full disk is logged once per change by the storage probe, not every second.
+        Ok(Err(nimbus_store::Error::StorageFull(_))) => {}
         Ok(Err(e)) => tracing::error!(error = %e, keys = n, "write API key quota counters"),
         Err(e) => tracing::error!(error = %e, "quota writer task panicked"),
     }

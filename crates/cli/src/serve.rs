@@ -97,6 +97,8 @@ pub struct ServeArgs {
     #[arg(long, env = "NIMBUS_ASYNC_RETRY_BASE", default_value = "1s", value_parser = nimbus_core::duration::parse_duration)]
     pub async_retry_base: std::time::Duration,
     #[command(flatten)]
+    pub capacity: crate::capacity::CapacityArgs,
+    #[command(flatten)]
     pub metering: crate::meter::MeteringArgs,
     #[command(flatten)]
     pub limits: crate::listen::LimitsArgs,
@@ -136,6 +138,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let data_dir = data_dir
         .canonicalize()
         .with_context(|| format!("resolve data dir {}", data_dir.display()))?;
+    // Before anything touches the data dir or reaps cgroups: a live server may own them.
+    let claim = crate::owner::claim(&data_dir)?;
     let token = admin_token(&data_dir)?;
 
     let store = Arc::new(
@@ -165,6 +169,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         init_exe: std::env::current_exe().context("locate the nimbus binary")?,
         insecure_no_sandbox: args.insecure_no_sandbox,
         parent: args.cgroup_parent.clone(),
+        owner: Some(claim.cgroup.clone()),
     })
     .map_err(|e| {
         anyhow::anyhow!(
@@ -182,6 +187,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     })
     .context("start the WebAssembly host")?;
     let region = std::env::var("NIMBUS_REGION").unwrap_or_else(|_| "local".into());
+    let capacity = crate::capacity::shared(&args.capacity);
     let worker = nimbus_worker::Worker::new(
         nimbus_worker::WorkerConfig {
             runtime_dir: data_dir.join("runtimes"),
@@ -193,6 +199,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             uid_base: args.uid_base,
             stem_cells: args.stem_cells,
             egress_allow_host_loopback: args.egress_allow_host_loopback,
+            capacity: Arc::clone(&capacity),
         },
         Arc::clone(&store),
         Arc::clone(&artifacts),
@@ -212,6 +219,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     let events = nimbus_store::events::EventLog::open(&data_dir.join("events.db"))
         .context("open the event log")?;
     let event_upkeep = crate::meter::spawn_event_retention(Arc::clone(&events), &args.metering)?;
+    let storage_full = crate::storage::spawn_probe(data_dir.clone());
     let control = nimbus_control::router(Arc::new(nimbus_control::ControlState {
         store: Arc::clone(&store),
         events: Arc::clone(&events),
@@ -224,6 +232,8 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
         applied: vec![routes_gen, keys_gen],
         region: region.clone(),
         wasm,
+        capacity,
+        storage_full: storage_full.clone(),
     }));
     // After the worker (it invokes) and the event log (it reads and settles).
     let broker = nimbus_broker::Broker::spawn(
@@ -266,7 +276,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
     };
     let connections_api = |admin: bool| nimbus_gateway::platform_router(platform_state(admin));
     let gateway = nimbus_gateway::router(gateway_state.clone());
-    let health = || axum::Router::new().route("/health", axum::routing::get(|| async { "ok\n" }));
+    let health = || crate::storage::health_router(storage_full.clone());
     // `/metrics` goes where the control API goes and takes the same admin token (or a
     // `metrics`-scoped key, for Prometheus).
     let control = control.merge(crate::meter::router(

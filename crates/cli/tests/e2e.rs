@@ -524,7 +524,8 @@ fn raw_http(addr: &str, request: &str) -> String {
 fn instance_cgroups(parent: &str) -> std::collections::BTreeSet<String> {
     let out = std::process::Command::new("find")
         .args(["/sys/fs/cgroup", "-maxdepth", "6", "-type", "d", "-path"])
-        .arg(format!("*/{parent}/*"))
+        // Instances sit in the server's own cgroup below the parent: parent/owner/id.
+        .arg(format!("*/{parent}/*/*"))
         .output()
         .expect("find");
     stdout_of(&out).lines().map(str::to_string).collect()

@@ -140,13 +140,12 @@ fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut needles: Vec<String> = ids
-        .iter()
-        .map(|id| format!("/{}/{id}\n", s.cgroup_parent))
-        .collect();
+    let mut needles: Vec<String> = ids.iter().map(|id| format!("/{id}\n")).collect();
     // Fresh instances are named after their function: this finds them even after the
     // platform has forgotten them (which is what the leftover checks look for).
-    needles.push(format!("/{}/{function}-", s.cgroup_parent));
+    needles.push(format!("/{function}-"));
+    // Instances live in the server's own cgroup below the parent (one per data dir).
+    let parent = format!("/{}/", s.cgroup_parent);
     let mut pids = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return pids;
@@ -156,7 +155,7 @@ fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
             continue;
         };
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if needles.iter().any(|n| cg.contains(n.as_str())) {
+        if cg.contains(&parent) && needles.iter().any(|n| cg.contains(n.as_str())) {
             pids.push(pid);
         }
     }

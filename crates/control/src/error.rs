@@ -34,6 +34,9 @@ pub enum ApiError {
     /// This client address failed authentication too often (the listener counts).
     #[error("too many failed authentications from this address; retry later")]
     AuthThrottled { retry_after_s: u64 },
+    /// A change whose `min_instances` floors would not fit the host's budget.
+    #[error("{0}")]
+    OverCapacity(String),
     #[error("{function} is throttled")]
     Throttled {
         function: String,
@@ -44,6 +47,10 @@ pub enum ApiError {
     /// Disk or database trouble: shown as a generic message, logged in full.
     #[error("storage error")]
     Storage(String),
+    /// The data dir is full: the write was refused, nothing of it kept. Logged once
+    /// per change by the server's storage probe, not per request.
+    #[error("{}", nimbus_core::storage::FULL_MESSAGE)]
+    StorageFull,
     #[error("internal error")]
     Internal(String),
 }
@@ -56,7 +63,8 @@ impl ApiError {
             ApiError::BadRequest(_)
             | ApiError::InvalidManifest(_)
             | ApiError::InvalidArchive(_)
-            | ApiError::InvalidComponent(_) => StatusCode::BAD_REQUEST,
+            | ApiError::InvalidComponent(_)
+            | ApiError::OverCapacity(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -65,6 +73,7 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Storage(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,9 +91,11 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::AuthThrottled { .. } => "too_many_auth_failures",
+            ApiError::OverCapacity(_) => "over_capacity",
             ApiError::Throttled { .. } => "throttled",
             ApiError::Unavailable => "unavailable",
             ApiError::Storage(_) => "storage_error",
+            ApiError::StorageFull => "insufficient_storage",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -96,6 +107,7 @@ impl ApiError {
             S::Conflict(m) => ApiError::Conflict(m),
             S::RouteConflict(c) => ApiError::Conflict(c.to_string()),
             S::Invalid(m) => ApiError::BadRequest(m),
+            S::StorageFull(_) => ApiError::StorageFull,
             S::Unavailable(m) => {
                 tracing::error!(error = %m, "event log unavailable");
                 ApiError::Unavailable
@@ -115,10 +127,21 @@ impl ApiError {
     }
 
     pub fn from_artifacts(e: nimbus_artifacts::Error) -> ApiError {
-        if e.is_invalid_input() {
+        if e.is_storage_full() {
+            ApiError::StorageFull
+        } else if e.is_invalid_input() {
             ApiError::InvalidArchive(e.to_string())
         } else {
             ApiError::Storage(e.to_string())
+        }
+    }
+
+    /// A failed disk write of the API itself (`what` says which, for the log).
+    pub fn from_io(what: &str, e: std::io::Error) -> ApiError {
+        if nimbus_core::storage::io_is_full(&e) {
+            ApiError::StorageFull
+        } else {
+            ApiError::Storage(format!("{what}: {e}"))
         }
     }
 

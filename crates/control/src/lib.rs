@@ -10,6 +10,7 @@
 //! routing (routes reach the gateway through the store's change feed).
 #![forbid(unsafe_code)]
 
+mod capacity;
 mod error;
 mod invocations;
 mod json;
@@ -68,6 +69,10 @@ pub struct ControlState {
     pub region: String,
     /// Compiles and checks `wasm` functions at deploy (and fills the compile cache).
     pub wasm: Arc<nimbus_wasm::Host>,
+    /// The host's instance budget, shared with the worker that reserves from it.
+    pub capacity: Arc<nimbus_core::capacity::Capacity>,
+    /// Whether the data dir is full now (the server's storage probe).
+    pub storage_full: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn token_digest(token: &str) -> [u8; 32] {
@@ -90,6 +95,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/v1/functions/{name}/evict", post(evict))
         .route("/v1/functions/{name}/scale", post(scaling::scale))
         .route("/v1/instances", get(scaling::list_instances))
+        .route("/v1/status", get(capacity::status))
         .route(
             "/v1/routes",
             get(list_routes).post(routes::add).delete(routes::remove),
@@ -208,7 +214,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
     nimbus_core::body::check_declared(&body, limit).map_err(|_| too_large())?;
     // Stream the upload to disk: archives can be far larger than we want in memory.
     let tmp = tempfile::NamedTempFile::new_in(st.artifacts.tmp_dir())
-        .map_err(|e| ApiError::Internal(format!("create upload file: {e}")))?;
+        .map_err(|e| ApiError::from_io("create upload file", e))?;
     let (std_file, tmp_path) = tmp.into_parts();
     let mut file = tokio::fs::File::from_std(std_file);
     let mut written: u64 = 0;
@@ -222,7 +228,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         }
         file.write_all(&chunk)
             .await
-            .map_err(|e| ApiError::Storage(format!("write upload: {e}")))?;
+            .map_err(|e| ApiError::from_io("write upload", e))?;
     }
     if written == 0 {
         return Err(ApiError::BadRequest(
@@ -231,7 +237,7 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
     }
     file.flush()
         .await
-        .map_err(|e| ApiError::Storage(format!("write upload: {e}")))?;
+        .map_err(|e| ApiError::from_io("write upload", e))?;
     drop(file);
 
     let st2 = Arc::clone(&st);
@@ -278,6 +284,8 @@ async fn deploy(State(st): State<Arc<ControlState>>, body: Body) -> Result<Respo
         // Topics are checked before the version is stored, so a manifest naming a
         // missing topic is refused with nothing changed.
         subscriptions::check_manifest(&st2.events, &config)?;
+        let _floors = st2.capacity.lock_floors();
+        capacity::check_deploy(&st2, &config)?;
         let result = st2
             .store
             .deploy(&ingested.digest, ingested.size, &config)
@@ -477,6 +485,10 @@ async fn set_alias(
 ) -> Result<Json<AliasInfo>, ApiError> {
     let store = Arc::clone(&st.store);
     blocking(move || {
+        let _floors = st.capacity.lock_floors();
+        if alias == "live" {
+            capacity::check_live(&st, &name, req.version)?;
+        }
         let row = store
             .set_alias(&name, &alias, req.version)
             .map_err(ApiError::from_store)?;
@@ -500,6 +512,10 @@ async fn rollback(
     let alias = req.alias.unwrap_or_else(|| "live".into());
     let store = Arc::clone(&st.store);
     blocking(move || {
+        let _floors = st.capacity.lock_floors();
+        if alias == "live" {
+            capacity::check_rollback(&st, &name)?;
+        }
         let (from, to) = store
             .rollback(&name, &alias)
             .map_err(ApiError::from_store)?;

@@ -59,6 +59,8 @@ pub(crate) async fn scale(
     }
     let store = Arc::clone(&st.store);
     blocking(move || {
+        let _floors = st.capacity.lock_floors();
+        crate::capacity::check_scale(&st, &name, req.min_instances, req.max_instances, req.reset)?;
         let row = store
             .set_scaling(&name, req.min_instances, req.max_instances, req.reset)
             .map_err(ApiError::from_store)?;

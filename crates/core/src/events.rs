@@ -213,6 +213,9 @@ pub enum PublishError {
     /// The log could not commit; nothing of the request was acknowledged.
     #[error("{0}")]
     Unavailable(String),
+    /// The disk under the log is full; nothing of the request was acknowledged.
+    #[error("{}", crate::storage::FULL_MESSAGE)]
+    StorageFull,
 }
 
 /// Durable publishing, as the gateway and the control API see it: answered only

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod body;
+pub mod capacity;
 pub mod cron;
 pub mod duration;
 pub mod events;
@@ -24,6 +25,7 @@ pub mod result;
 pub mod retry;
 pub mod route_options;
 pub mod routes;
+pub mod storage;
 pub mod subscription;
 
 pub use invoke::{

@@ -82,5 +82,10 @@ pub(crate) async fn publish(
         Err(PublishError::Unavailable(m)) => {
             error_response(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m)
         }
+        Err(e @ PublishError::StorageFull) => error_response(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient_storage",
+            &e.to_string(),
+        ),
     }
 }

@@ -28,8 +28,9 @@ fn mkdir(path: &Path) -> Result<(), Error> {
     })
 }
 
-/// Creates the shared parent cgroup(s) (idempotent) and returns their directories.
-/// On v2 it also delegates memory, pids and cpu to the parent's children.
+/// Creates the parent cgroup(s) (idempotent) and returns their directories. `parent`
+/// may be nested (`nimbus/<owner>`). On v2 it also delegates memory, pids and cpu down
+/// every level to the parent's children.
 pub(crate) fn create_parent(layout: &Layout, parent: &str) -> Result<Vec<PathBuf>, Error> {
     match layout {
         Layout::V1 {
@@ -77,9 +78,17 @@ pub(crate) fn create_parent(layout: &Layout, parent: &str) -> Result<Vec<PathBuf
             }
             let dir = root.join(parent);
             mkdir_all(&dir)?;
-            for at in [root.as_path(), dir.as_path()] {
+            // Every level down to the instances' parent must delegate the controllers
+            // (a server's own parent sits below the shared one).
+            let mut at = root.clone();
+            let levels =
+                std::iter::once(root.clone()).chain(Path::new(parent).components().map(|c| {
+                    at.push(c);
+                    at.clone()
+                }));
+            for level in levels {
                 for c in V2_CONTROLLERS {
-                    write(&at.join("cgroup.subtree_control"), &format!("+{c}"))?;
+                    write(&level.join("cgroup.subtree_control"), &format!("+{c}"))?;
                 }
             }
             Ok(vec![dir])
@@ -96,7 +105,9 @@ fn mkdir_all(dir: &Path) -> Result<(), Error> {
 
 /// Kills and removes instance cgroups left under `parents` by an earlier server that
 /// died without cleaning up (SIGKILL, power loss): their processes are orphans that no
-/// worker will ever talk to again. Returns how many instance cgroups were removed.
+/// worker will ever talk to again. `parents` must be this server's own (see
+/// `HostConfig::owner`): a shared parent holds other live servers' instances. Returns
+/// how many instance cgroups were removed.
 pub(crate) fn reap_stale(parents: &[PathBuf]) -> usize {
     let mut dirs: Vec<PathBuf> = parents
         .iter()
@@ -182,10 +193,38 @@ impl Drop for FreezerPin {
 }
 
 /// Removes the parent dirs if nothing is left in them; silently keeps them otherwise
-/// (another host in the same process tree may still use them).
+/// (another host, or another server's own parent, may still be inside).
 pub(crate) fn remove_parent(dirs: &[PathBuf]) {
     for d in dirs {
         let _ = fs::remove_dir(d);
+    }
+}
+
+/// Instance cgroups that would not go when their instance did (EBUSY: a task still
+/// leaving, a kernel slow to let go). Kept and retried until they are gone, so a host
+/// never accumulates them.
+#[derive(Debug, Default)]
+pub(crate) struct Leftovers(std::sync::Mutex<Vec<InstanceCgroup>>);
+
+impl Leftovers {
+    pub(crate) fn add(&self, cg: InstanceCgroup) {
+        self.lock().push(cg);
+    }
+
+    /// Kills what is inside each and removes it again; returns how many are left.
+    pub(crate) fn retry(&self, patience: Duration) -> usize {
+        let mut left = std::mem::take(&mut *self.lock());
+        left.retain(|cg| {
+            cg.kill_all();
+            !cg.remove(patience)
+        });
+        let mut kept = self.lock();
+        kept.extend(left);
+        kept.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<InstanceCgroup>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -870,6 +909,27 @@ mod tests {
     }
 
     #[test]
+    fn v2_nested_parent_delegates_at_every_level_and_reaps_only_its_own() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().to_path_buf();
+        fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").expect("w");
+        let layout = Layout::V2 { root: root.clone() };
+        let mine = create_parent(&layout, "nb/dmine").expect("parent");
+        assert_eq!(mine, vec![root.join("nb/dmine")]);
+        for level in ["", "nb", "nb/dmine"] {
+            let f = root.join(level).join("cgroup.subtree_control");
+            assert!(f.exists(), "{} not delegated", f.display());
+        }
+        // Another server's instance beside ours under the shared parent.
+        let theirs = root.join("nb/dtheirs/i2");
+        fs::create_dir_all(&theirs).expect("mkdir");
+        fs::create_dir_all(root.join("nb/dmine/i1")).expect("mkdir");
+        assert_eq!(reap_stale(&mine), 1);
+        assert!(!root.join("nb/dmine/i1").exists());
+        assert!(theirs.exists(), "another server's instance was reaped");
+    }
+
+    #[test]
     fn v2_missing_controller_fails_detect() {
         let tmp = tempfile::tempdir().expect("tempdir");
         fs::write(tmp.path().join("cgroup.controllers"), "cpu io\n").expect("w");
@@ -977,6 +1037,27 @@ mod tests {
         assert_eq!(innermost_ns_pid("NSpid:\t9\t8\t1\n"), Some(1));
         assert_eq!(innermost_ns_pid("Name:\tx\n"), None);
         assert_eq!(innermost_ns_pid("NSpid:\tx\n"), None);
+    }
+
+    #[test]
+    fn leftovers_are_retried_until_gone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let layout = v1_layout(tmp.path(), false);
+        create_parent(&layout, "nb").expect("parent");
+        let cg = InstanceCgroup::create(&layout, "nb", "busy", &Limits::default()).expect("create");
+        // Files inside make rmdir fail, as a cgroup with a task still leaving does.
+        assert!(!cg.remove(Duration::from_millis(5)));
+        let dirs = cg.dirs().to_vec();
+        let left = Leftovers::default();
+        left.add(cg);
+        assert_eq!(left.retry(Duration::from_millis(5)), 1);
+        for d in &dirs {
+            for f in fs::read_dir(d).expect("ls") {
+                fs::remove_file(f.expect("entry").path()).expect("rm");
+            }
+        }
+        assert_eq!(left.retry(Duration::from_millis(5)), 0);
+        assert!(dirs.iter().all(|d| !d.exists()));
     }
 
     #[test]

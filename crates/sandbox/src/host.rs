@@ -32,6 +32,10 @@ pub struct HostConfig {
     pub insecure_no_sandbox: bool,
     /// Name of the parent cgroup that holds every instance's cgroup.
     pub parent: String,
+    /// This server's own cgroup below `parent` (one per data dir): its instances live
+    /// there, and only there does start-up reap what an earlier run left. Other servers
+    /// sharing `parent` keep their instances. `None`: the caller owns all of `parent`.
+    pub owner: Option<String>,
 }
 
 impl Default for HostConfig {
@@ -42,6 +46,7 @@ impl Default for HostConfig {
             init_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             insecure_no_sandbox: false,
             parent: "nimbus".to_string(),
+            owner: None,
         }
     }
 }
@@ -52,16 +57,29 @@ impl Default for HostConfig {
 struct Shared {
     config: HostConfig,
     layout: Option<Layout>,
+    /// `parent` or `parent/owner`: where instance cgroups are made.
+    instance_parent: String,
     parent_dirs: Vec<PathBuf>,
     /// Keeps the v1 freezer's fast path on while this host lives (see `FreezerPin`).
     freezer_pin: Option<cgroup::FreezerPin>,
+    /// Instance cgroups that outlived their instance, for [`Host::retire_leftovers`].
+    leftovers: cgroup::Leftovers,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         // The pin is a child of the parent: it must go first.
         drop(self.freezer_pin.take());
+        self.leftovers.retry(Duration::from_millis(100));
         cgroup::remove_parent(&self.parent_dirs);
+        if self.config.owner.is_some() {
+            let shared: Vec<PathBuf> = self
+                .parent_dirs
+                .iter()
+                .filter_map(|d| d.parent().map(Path::to_path_buf))
+                .collect();
+            cgroup::remove_parent(&shared);
+        }
     }
 }
 
@@ -108,12 +126,17 @@ impl Host {
     /// Checks the host can sandbox, finds the cgroup layout and creates the parent
     /// cgroup(s). With `insecure_no_sandbox` it checks nothing and warns loudly.
     pub fn detect(config: HostConfig) -> Result<Host, Error> {
-        if !crate::spec::valid_id(&config.parent) {
-            return Err(Error::Detect(format!(
-                "cgroup parent name {:?} must be [A-Za-z0-9_-]",
-                config.parent
-            )));
+        for name in std::iter::once(&config.parent).chain(config.owner.as_ref()) {
+            if !crate::spec::valid_id(name) {
+                return Err(Error::Detect(format!(
+                    "cgroup parent name {name:?} must be [A-Za-z0-9_-]"
+                )));
+            }
         }
+        let instance_parent = match &config.owner {
+            Some(owner) => format!("{}/{owner}", config.parent),
+            None => config.parent.clone(),
+        };
         if config.insecure_no_sandbox {
             tracing::warn!(
                 "SANDBOX DISABLED (--insecure-no-sandbox): functions run as plain processes \
@@ -124,8 +147,10 @@ impl Host {
                 shared: Arc::new(Shared {
                     config,
                     layout: None,
+                    instance_parent,
                     parent_dirs: Vec::new(),
                     freezer_pin: None,
+                    leftovers: Default::default(),
                 }),
                 slirp4netns: None,
                 stems: false,
@@ -145,7 +170,7 @@ impl Host {
         let mounts = mountinfo::parse_mountinfo(&read("self/mountinfo")?);
         let layout = mountinfo::choose_layout(&mounts, &config.cgroup_root, &read("self/cgroup")?)
             .map_err(Error::Detect)?;
-        let parent_dirs = cgroup::create_parent(&layout, &config.parent)?;
+        let parent_dirs = cgroup::create_parent(&layout, &instance_parent)?;
         let stale = cgroup::reap_stale(&parent_dirs);
         if stale > 0 {
             tracing::warn!(
@@ -153,13 +178,15 @@ impl Host {
                 "removed instance cgroups left by an earlier run"
             );
         }
-        let freezer_pin = cgroup::FreezerPin::create(&layout, &config.parent);
+        let freezer_pin = cgroup::FreezerPin::create(&layout, &instance_parent);
         let host = Host {
             shared: Arc::new(Shared {
                 config,
                 layout: Some(layout),
+                instance_parent,
                 parent_dirs,
                 freezer_pin,
+                leftovers: Default::default(),
             }),
             slirp4netns: find_slirp4netns(),
             stems: stem::supported(),
@@ -244,6 +271,12 @@ impl Host {
         self.shared.layout.as_ref().map(Layout::version)
     }
 
+    /// Kills and removes, again, instance cgroups that would not go when their instance
+    /// was dropped; returns how many are still left. Blocks for up to a few ms each.
+    pub fn retire_leftovers(&self) -> usize {
+        self.shared.leftovers.retry(Duration::from_millis(20))
+    }
+
     /// The parent cgroup directories instances are created in (empty without sandbox).
     pub fn cgroup_parent_dirs(&self) -> &[PathBuf] {
         &self.shared.parent_dirs
@@ -280,7 +313,7 @@ impl Host {
             return self.start(spec, init, None);
         };
         let cg =
-            InstanceCgroup::create(layout, &self.shared.config.parent, &spec.id, &spec.limits)?;
+            InstanceCgroup::create(layout, &self.shared.instance_parent, &spec.id, &spec.limits)?;
         let init = InitSpec::new(spec, cg.procs_files(), true);
         self.start(spec, init, Some(cg))
     }
@@ -379,7 +412,7 @@ impl Host {
             namespaces: init.namespaces,
             slirp: None,
             init: None,
-            _shared: self.shared.clone(),
+            shared: self.shared.clone(),
         };
         if let (Some(allow_host_loopback), Some(sock)) = (egress, &init_host) {
             // On failure `inst` drops: init and its cgroup go, and init (which only
@@ -592,7 +625,7 @@ pub struct Instance {
     slirp: Option<Slirp>,
     /// A stem cell's channel to its init; `None` inside once it broke (fail closed).
     init: Option<Mutex<Option<OwnedFd>>>,
-    _shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 /// How long init may take to answer a request (it answers in well under a millisecond;
@@ -737,7 +770,7 @@ impl Instance {
     /// reused outside the instance meanwhile is never hit.
     fn kill_strays(&self, cg: &InstanceCgroup) {
         let init = self.child.id() as i32;
-        let proc_root = &self._shared.config.proc_root;
+        let proc_root = &self.shared.config.proc_root;
         for pid in cg.pids().into_iter().filter(|p| *p != init) {
             let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status"));
             let ns_pid = status.ok().as_deref().and_then(cgroup::innermost_ns_pid);
@@ -862,8 +895,10 @@ impl Drop for Instance {
         if self.wait().is_err() {
             tracing::warn!(id = %self.id, "could not reap sandbox init");
         }
-        if let Some(cg) = &self.cgroup {
-            cg.remove(Duration::from_secs(2));
+        if let Some(cg) = self.cgroup.take()
+            && !cg.remove(Duration::from_secs(2))
+        {
+            self.shared.leftovers.add(cg);
         }
     }
 }

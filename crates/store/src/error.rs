@@ -49,7 +49,12 @@ pub enum Error {
     SchemaTooNew { found: u32, supported: u32 },
 
     #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
+
+    /// The disk under the data dir is full (SQLITE_FULL, ENOSPC, EDQUOT): nothing of
+    /// the write was kept. Every `?` on a SQLite error lands here through `From`.
+    #[error("{}", nimbus_core::storage::FULL_MESSAGE)]
+    StorageFull(String),
 
     #[error("encode function config: {0}")]
     EncodeConfig(#[source] serde_json::Error),
@@ -82,6 +87,20 @@ pub enum Error {
     SpawnRecorder(#[source] std::io::Error),
 }
 
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        let full = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => f.code == rusqlite::ErrorCode::DiskFull,
+            _ => false,
+        };
+        if full {
+            Error::StorageFull(e.to_string())
+        } else {
+            Error::Sql(e)
+        }
+    }
+}
+
 impl Error {
     /// True for the variants whose message is meant for API users (4xx answers).
     pub fn is_user_facing(&self) -> bool {
@@ -89,5 +108,26 @@ impl Error {
             self,
             Error::NotFound(_) | Error::Conflict(_) | Error::RouteConflict(_) | Error::Invalid(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_full_becomes_storage_full_other_errors_stay_sql() {
+        // max_page_count makes SQLite answer SQLITE_FULL exactly as a full disk does.
+        let conn = rusqlite::Connection::open_in_memory().expect("open");
+        conn.execute_batch("CREATE TABLE t (b BLOB); PRAGMA max_page_count = 3;")
+            .expect("setup");
+        let full = conn
+            .execute("INSERT INTO t VALUES (zeroblob(1000000))", [])
+            .expect_err("past max_page_count");
+        assert!(matches!(Error::from(full), Error::StorageFull(_)));
+        let other = conn
+            .execute("INSERT INTO nope VALUES (1)", [])
+            .expect_err("no table");
+        assert!(matches!(Error::from(other), Error::Sql(_)));
     }
 }

@@ -800,7 +800,10 @@ fn write_loop(rx: &Receiver<Msg>, writer: &Mutex<Writer>, counters: &Counters, m
                 }
                 Err(e) => {
                     counters.failed.fetch_add(n, Ordering::Relaxed);
-                    tracing::error!(error = %e, records = n, "write invocation records");
+                    // A full disk is logged once per change by the server's probe.
+                    if !matches!(e, crate::Error::StorageFull(_)) {
+                        tracing::error!(error = %e, records = n, "write invocation records");
+                    }
                 }
             }
             counters

@@ -31,6 +31,9 @@ pub(crate) struct Live {
     /// Its last `R` frame announced results tagged with their request id: a result
     /// frame without the tag of the invocation in flight is then a protocol violation.
     tagged: bool,
+    /// Its share of the host's budget, given back after `sandbox` (declared first, so
+    /// dropped first) has killed it.
+    pub reservation: Option<nimbus_core::capacity::Reservation>,
 }
 
 pub(crate) enum RunError {
@@ -65,6 +68,7 @@ impl Live {
             last_cpu_ms: None,
             uid: None,
             tagged: false,
+            reservation: None,
         })
     }
 

@@ -76,6 +76,8 @@ pub struct WorkerConfig {
     /// Lets `network = "egress"` functions reach the host's loopback (off by default:
     /// the control API listens there).
     pub egress_allow_host_loopback: bool,
+    /// The host's budget: every sandboxed instance reserves its share before it starts.
+    pub capacity: Arc<nimbus_core::capacity::Capacity>,
 }
 
 pub struct Worker {
@@ -280,12 +282,21 @@ impl Inner {
             return Ok(outcome);
         }
 
-        let mut live = match pool.checkout() {
-            Some(l) => l,
+        let mut live = match self.warm_or_share(&pool).await {
+            Some(Slot::Warm(l)) => *l,
+            // Past the host's budget a cold start is throttled like a full pool: the
+            // host is never overcommitted.
             None => {
+                metering::throttled(&pool.function);
+                return Err(InvokeError::Throttled {
+                    function: pool.function.clone(),
+                    retry_after_s: 1,
+                });
+            }
+            Some(Slot::Cold(share)) => {
                 outcome.cold_start = true;
                 let started = Instant::now();
-                match self.start_registered(&pool, State::Busy).await {
+                match self.start_registered(&pool, State::Busy, share).await {
                     Ok(l) => {
                         outcome.init_duration_ms = Some(ms(started.elapsed()));
                         l
@@ -445,14 +456,48 @@ impl Inner {
         &self,
         pool: &Pool,
         state: State,
+        share: nimbus_core::capacity::Reservation,
     ) -> Result<Live, (InvokeStatus, String)> {
         pool.starting.fetch_add(1, Ordering::SeqCst);
-        let started = self.start_instance(pool).await;
+        let started = self.start_instance(pool, share).await;
         if let Ok(live) = &started {
             pool.register(live, state);
         }
         pool.starting.fetch_sub(1, Ordering::SeqCst);
         started
+    }
+
+    /// A warm instance of `pool`, or a share of the host's budget to start one. When
+    /// the budget is spent, one idle instance another pool can spare (above its
+    /// `min_instances`) is retired to make room, and whichever comes first (a share, or
+    /// one of `pool`'s instances going idle) is awaited up to the queue timeout.
+    async fn warm_or_share(&self, pool: &Pool) -> Option<Slot> {
+        let capacity = &self.cfg.capacity;
+        let memory_mb = pool.config.memory_mb;
+        let ready = || match pool.checkout() {
+            Some(l) => Some(Slot::Warm(Box::new(l))),
+            None => capacity.try_reserve(memory_mb).map(Slot::Cold),
+        };
+        if let Some(slot) = ready() {
+            return Some(slot);
+        }
+        let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        let spare = pools.iter().find(|p| {
+            p.idle_count() > 0
+                && (p.is_draining() || p.total() > p.config.concurrency.min_instances as usize)
+        });
+        if let Some(p) = spare {
+            let mut once = true;
+            p.retire_idle(|_| std::mem::take(&mut once));
+        }
+        let deadline = Instant::now() + self.cfg.queue_timeout;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(slot) = ready() {
+                return Some(slot);
+            }
+        }
+        None
     }
 
     fn arn(&self, function: &str, target: &nimbus_core::Target) -> String {
@@ -465,6 +510,12 @@ impl Inner {
             self.cfg.region
         )
     }
+}
+
+/// Where an invocation runs: an idle instance, or a new one started on its share.
+enum Slot {
+    Warm(Box<Live>),
+    Cold(nimbus_core::capacity::Reservation),
 }
 
 /// The directory an interpreter outside `/usr` is installed in (`/opt/py/bin/python3` ->

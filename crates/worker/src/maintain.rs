@@ -60,6 +60,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         crate::metering::report_instances(&infos);
         crate::spawn::refill(&inner);
         provision(&inner, &live).await;
+        retire_leftovers(&inner).await;
     }
 }
 
@@ -164,6 +165,17 @@ fn scale_down(pool: &Pool, min: usize) {
     }
 }
 
+/// Instance cgroups that would not go when their instance did (a function removed
+/// while a task was still leaving) are retried every tick until they are gone.
+async fn retire_leftovers(inner: &Arc<Inner>) {
+    let host = Arc::clone(&inner.host);
+    if let Ok(left) = tokio::task::spawn_blocking(move || host.retire_leftovers()).await
+        && left > 0
+    {
+        tracing::debug!(left, "instance cgroups still to remove");
+    }
+}
+
 /// Starts instances until each live version has its `min_instances`.
 async fn provision(inner: &Arc<Inner>, live: &BTreeMap<String, Aliased>) {
     for (function, a) in live {
@@ -192,11 +204,17 @@ async fn provision(inner: &Arc<Inner>, live: &BTreeMap<String, Aliased>) {
         }
         let missing = min.saturating_sub(pool.total());
         for _ in 0..missing {
+            // Deploys keep floors within the budget; cold instances of other functions
+            // may hold it for now, and the next tick tries again.
+            let Some(share) = inner.cfg.capacity.try_reserve(pool.config.memory_mb) else {
+                tracing::debug!(function = %pool.function, "provisioning waits for the host's budget");
+                break;
+            };
             let inner = Arc::clone(inner);
             let pool = Arc::clone(&pool);
             pool.starting.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let started = inner.start_instance(&pool).await;
+                let started = inner.start_instance(&pool, share).await;
                 match started {
                     Ok(live) => {
                         pool.register(&live, State::Idle);

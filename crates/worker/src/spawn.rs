@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use nimbus_core::capacity::Reservation;
 use nimbus_core::{InvokeStatus, Runtime};
 use nimbus_sandbox::{Bind, InstanceSpec, Isolation, Limits, RUNTIME_DIR, Rootfs, TASK_DIR};
 
@@ -159,7 +160,18 @@ impl Inner {
     /// Starts an instance of `pool`'s function and waits until its handler is loaded:
     /// from a stem cell when one is ready, else from scratch. On failure, the status
     /// and what the instance printed (an import error's traceback, say).
-    pub(crate) async fn start_instance(&self, pool: &Pool) -> Result<Live, (InvokeStatus, String)> {
+    /// Starts an instance that holds `share` of the host's budget until it is gone.
+    pub(crate) async fn start_instance(
+        &self,
+        pool: &Pool,
+        share: Reservation,
+    ) -> Result<Live, (InvokeStatus, String)> {
+        let mut live = self.start_unbudgeted(pool).await?;
+        live.reservation = Some(share);
+        Ok(live)
+    }
+
+    async fn start_unbudgeted(&self, pool: &Pool) -> Result<Live, (InvokeStatus, String)> {
         if let Some(key) = self.stem_key(pool) {
             self.stems.want(key.clone());
             if let Some(stem) = self.stems.take(&key) {

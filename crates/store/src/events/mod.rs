@@ -338,6 +338,7 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 /// Passive checkpoints (they never block the writer or readers) until the log is gone;
 /// a final truncating one at close keeps the WAL from outliving the process large.
 fn checkpoint_loop(conn: Connection, log: std::sync::Weak<EventLog>) {
+    let mut failing = false;
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
         let Some(log) = log.upgrade() else { break };
@@ -346,8 +347,18 @@ fn checkpoint_loop(conn: Connection, log: std::sync::Weak<EventLog>) {
         if closed {
             break;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "event log checkpoint");
+        // Logged when it starts and stops failing, not every 500 ms (a full disk
+        // fails every attempt until space is freed).
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "event log checkpoint failing");
+                failing = true;
+            }
+            Ok(()) if failing => {
+                tracing::info!("event log checkpoint works again");
+                failing = false;
+            }
+            _ => {}
         }
     }
     let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
@@ -383,10 +394,18 @@ fn writer_loop(
             Err(failed) => {
                 stats.failed_commits.fetch_add(1, Relaxed);
                 let (replies, e) = *failed;
-                tracing::error!(error = %e, jobs = replies.len(), "event log commit failed");
                 let text = e.to_string();
+                let full = matches!(e, Error::StorageFull(_));
+                if !full {
+                    // A full disk is logged once per change by the server's probe.
+                    tracing::error!(error = %e, jobs = replies.len(), "event log commit failed");
+                }
                 for r in replies {
-                    let _ = r.send(Err(Error::Unavailable(format!("commit failed: {text}"))));
+                    let _ = r.send(Err(if full {
+                        Error::StorageFull(text.clone())
+                    } else {
+                        Error::Unavailable(format!("commit failed: {text}"))
+                    }));
                 }
             }
         }

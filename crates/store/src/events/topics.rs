@@ -462,6 +462,7 @@ impl nimbus_core::events::Publisher for EventLog {
                     })
                     .collect()),
                 Err(Error::NotFound(m)) => Err(PublishError::NotFound(m)),
+                Err(Error::StorageFull(_)) => Err(PublishError::StorageFull),
                 Err(e) => {
                     tracing::error!(error = %e, topic, "publish failed");
                     Err(PublishError::Unavailable(
