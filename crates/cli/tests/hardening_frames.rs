@@ -24,24 +24,6 @@ fn deploy(s: &Server, fixture_name: &str) {
     s.ok(&["deploy", dir.to_str().expect("utf-8 path")]);
 }
 
-/// Invokes through the control API: the HTTP status and the envelope.
-fn invoke(s: &Server, function: &str, event: &Value) -> (u16, Value) {
-    let r = s
-        .admin(
-            reqwest::Method::POST,
-            &format!("/v1/functions/{function}/invoke"),
-        )
-        .header("content-type", "application/json")
-        .body(event.to_string())
-        .send()
-        .unwrap_or_else(|e| panic!("invoke {function} {event}: {e}"));
-    let status = r.status().as_u16();
-    let text = r.text().expect("body");
-    let v = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("invoke {function}: {status} non-JSON body ({e}): {text}"));
-    (status, v)
-}
-
 /// Checks the one rule of item 1 for a call made with `{"n": n}`: its caller got its
 /// own output or a 502 `function_crashed` that quotes nothing a function wrote.
 /// Returns whether it was its own output.

@@ -279,12 +279,9 @@ fn long_name_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
 #[test]
 fn an_archive_entry_name_cannot_forge_a_line_of_the_server_log() {
     let s = Server::start();
-    // One name component longer than a file name may be, so extracting it fails and
-    // the server logs it: with a newline and an escape sequence inside.
-    let name = format!(
-        "{}\nERROR nimbus_control: FORGED line\x1b[31m.txt",
-        "a".repeat(300)
-    );
+    // A name with a newline and an escape sequence inside: the deploy is refused and
+    // the server logs the refusal, naming the entry.
+    let name = "a\nERROR nimbus_control: FORGED line\x1b[31m.txt".to_string();
     let manifest = "name = \"forge\"\nruntime = \"python3\"\nhandler = \"main.handler\"\n";
     let archive = tar_with(manifest, |raw| long_name_entry(raw, &name, b"x"));
     let resp = s
@@ -309,7 +306,8 @@ fn an_archive_entry_name_cannot_forge_a_line_of_the_server_log() {
     );
     assert!(!log.contains('\x1b'), "a raw escape in the log:\n{log:?}");
     assert!(
-        log.contains(r"\nERROR nimbus_control: FORGED line\x1b[31m"),
+        // The extractor names the entry in Rust's escaped form, and the log keeps it so.
+        log.contains(r"\u{a}ERROR nimbus_control: FORGED line\u{1b}[31m"),
         "the name is not shown escaped:\n{log}"
     );
 }

@@ -22,24 +22,6 @@ fn deploy(s: &Server, fixture_name: &str) {
     s.ok(&["deploy", path_str(&fixture(fixture_name))]);
 }
 
-/// Invokes through the control API: the HTTP status and the envelope.
-fn invoke(s: &Server, function: &str, event: &Value) -> (u16, Value) {
-    let r = s
-        .admin(
-            reqwest::Method::POST,
-            &format!("/v1/functions/{function}/invoke"),
-        )
-        .header("content-type", "application/json")
-        .body(event.to_string())
-        .send()
-        .unwrap_or_else(|e| panic!("invoke {function} {event}: {e}"));
-    let status = r.status().as_u16();
-    let text = r.text().expect("body");
-    let v = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("invoke {function}: {status} non-JSON body ({e}): {text}"));
-    (status, v)
-}
-
 /// An invocation that must succeed; returns the function's result.
 fn call(s: &Server, function: &str, event: Value) -> Value {
     let (status, env) = invoke(s, function, &event);
@@ -48,35 +30,6 @@ fn call(s: &Server, function: &str, event: Value) -> Value {
         "{function} {event}: HTTP {status}: {env}"
     );
     env["result"].clone()
-}
-
-/// Host pids of every process in an instance cgroup of `function` under this server.
-fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
-    let ids: Vec<String> = s
-        .json(&["instances", function])
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|i| i["id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut needles: Vec<String> = ids
-        .iter()
-        .map(|id| format!("/{}/{id}\n", s.cgroup_parent))
-        .collect();
-    // Fresh instances are named after their function: found even once forgotten.
-    needles.push(format!("/{}/{function}-", s.cgroup_parent));
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            needles.iter().any(|n| cg.contains(n.as_str()))
-        })
-        .collect()
 }
 
 fn comm(pid: u32) -> String {
@@ -134,8 +87,7 @@ fn wait_for_stem(s: &Server, runtime: &str) {
         Duration::from_secs(30),
         || {
             let metrics = s
-                .http()
-                .get(s.url("/metrics"))
+                .admin(reqwest::Method::GET, "/metrics")
                 .send()
                 .and_then(|r| r.text())
                 .unwrap_or_default();

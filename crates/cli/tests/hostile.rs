@@ -56,24 +56,6 @@ fn deploy(s: &Server, fixture_name: &str) -> Value {
     s.json(&["deploy", path_str(&hostile(fixture_name))])
 }
 
-/// Invokes through the control API: the HTTP status and the envelope.
-fn invoke(s: &Server, function: &str, event: &Value) -> (u16, Value) {
-    let r = s
-        .admin(
-            reqwest::Method::POST,
-            &format!("/v1/functions/{function}/invoke?logs=true"),
-        )
-        .header("content-type", "application/json")
-        .body(event.to_string())
-        .send()
-        .unwrap_or_else(|e| panic!("invoke {function} {event}: {e}"));
-    let status = r.status().as_u16();
-    let text = r.text().expect("body");
-    let v = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("invoke {function}: {status} non-JSON body ({e}): {text}"));
-    (status, v)
-}
-
 /// An invocation that must succeed; returns the function's result.
 fn call(s: &Server, function: &str, event: Value) -> Value {
     let (status, env) = invoke(s, function, &event);
@@ -125,41 +107,6 @@ fn digest_hex(deployed: &Value) -> String {
         .and_then(|d| d.strip_prefix("sha256:"))
         .unwrap_or_else(|| panic!("no digest in {deployed}"))
         .to_string()
-}
-
-/// Host pids of every process in an instance cgroup of `function` under this server.
-fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
-    // Instance ids come from the platform (a stem cell keeps its `stem-...` id after it
-    // is given a function); their cgroups hold the processes.
-    let ids: Vec<String> = s
-        .json(&["instances", function])
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|i| i["id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut needles: Vec<String> = ids.iter().map(|id| format!("/{id}\n")).collect();
-    // Fresh instances are named after their function: this finds them even after the
-    // platform has forgotten them (which is what the leftover checks look for).
-    needles.push(format!("/{function}-"));
-    // Instances live in the server's own cgroup below the parent (one per data dir).
-    let parent = format!("/{}/", s.cgroup_parent);
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if cg.contains(&parent) && needles.iter().any(|n| cg.contains(n.as_str())) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// Waits until no process of `function` is left; returns what is left at the limit.

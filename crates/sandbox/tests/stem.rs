@@ -169,6 +169,16 @@ fn read_frame(s: &mut UnixStream) -> Option<(u8, serde_json::Value)> {
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).ok()?;
+    // Results carry their invocation's request id and a newline before the JSON
+    // (docs/runtime-protocol.md, "Result ownership").
+    if matches!(head[0], b'S' | b'E') {
+        let at = body
+            .iter()
+            .position(|b| *b == b'\n')
+            .expect("tagged result");
+        assert!(at > 0, "an empty result tag");
+        body.drain(..=at);
+    }
     Some((head[0], serde_json::from_slice(&body).expect("frame json")))
 }
 
@@ -287,7 +297,10 @@ fn python_stem_gets_code_then_serves_invocations() {
     s.inst.set_memory_mb(128).expect("memory");
     s.inst.set_pids_max(32).expect("pids");
     s.inst.set_tmp_bytes(8 << 20).expect("tmp");
-    assert_eq!(s.assign("main.handler", 128), (b'R', serde_json::json!({})));
+    assert_eq!(
+        s.assign("main.handler", 128),
+        (b'R', serde_json::json!({"taggedResults": true}))
+    );
     let (kind, r) = s.invoke(serde_json::json!({"k": [1, 2]}));
     assert_eq!(kind, b'S', "{r}");
     assert_eq!(r["event"], serde_json::json!({"k": [1, 2]}));
@@ -329,7 +342,7 @@ fn node_stem_gets_code_then_serves_invocations() {
     s.inst.assign_code(code.path()).expect("assign");
     assert_eq!(
         s.assign("index.handler", 256),
-        (b'R', serde_json::json!({}))
+        (b'R', serde_json::json!({"taggedResults": true}))
     );
     let (kind, r) = s.invoke(serde_json::json!("x"));
     assert_eq!(kind, b'S', "{r}");

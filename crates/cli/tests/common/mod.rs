@@ -371,3 +371,51 @@ pub fn serve_refuses(args: &[&str], want: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(want), "{args:?}: {err}");
 }
+
+/// Invokes through the control API with logs: the HTTP status and the envelope.
+pub fn invoke(s: &Server, function: &str, event: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = s
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/functions/{function}/invoke?logs=true"),
+        )
+        .header("content-type", "application/json")
+        .body(event.to_string())
+        .send()
+        .unwrap_or_else(|e| panic!("invoke {function} {event}: {e}"));
+    let status = r.status().as_u16();
+    let text = r.text().expect("body");
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("invoke {function}: {status} non-JSON body ({e}): {text}"));
+    (status, v)
+}
+
+/// Host pids of every process in an instance cgroup of `function` under this server.
+/// Instance ids come from the platform (a stem cell keeps its `stem-...` id after it is
+/// given a function); fresh instances are also found by their name
+/// (`<function>-...`) after the platform has forgotten them, which is what leftover
+/// checks look for. Instances live in the server's own cgroup below its parent.
+pub fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
+    let ids: Vec<String> = s
+        .json(&["instances", function])
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|i| i["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut needles: Vec<String> = ids.iter().map(|id| format!("/{id}\n")).collect();
+    needles.push(format!("/{function}-"));
+    let parent = format!("/{}/", s.cgroup_parent);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|pid: &u32| {
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            cg.contains(&parent) && needles.iter().any(|n| cg.contains(n.as_str()))
+        })
+        .collect()
+}
