@@ -201,7 +201,7 @@ async fn serve(args: ServeArgs, g: Global) -> anyhow::Result<ExitCode> {
             egress_allow_host_loopback: args.egress_allow_host_loopback,
             capacity: Arc::clone(&capacity),
         },
-        Arc::clone(&store),
+        Arc::clone(&store) as Arc<dyn nimbus_store::Catalog>,
         Arc::clone(&artifacts),
         host,
         Arc::clone(&recorder) as Arc<dyn nimbus_core::RecordSink>,

@@ -32,10 +32,13 @@
 //! # Concurrency
 //! One connection behind a `Mutex`; methods are synchronous and short (SQL only, no I/O
 //! besides SQLite's own while the lock is held). Async callers wrap them in
-//! `spawn_blocking`. Another process opening the same file is tolerated (writers wait up
-//! to [`BUSY_TIMEOUT`]), but its changes do not reach this `Store`'s change feed.
+//! `spawn_blocking`, or go through an async role trait ([`Catalog`]) whose impl does it
+//! for them; the rest of the storage seam follows (`docs/design/003-storage-seam.md`).
+//! Another process opening the same file is tolerated (writers wait up to
+//! [`BUSY_TIMEOUT`]), but its changes do not reach this `Store`'s change feed.
 #![forbid(unsafe_code)]
 
+mod catalog;
 mod error;
 pub mod events;
 mod keys;
@@ -43,7 +46,7 @@ pub mod metering;
 mod migrations;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
@@ -53,6 +56,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+pub use catalog::{AliasedVersions, Catalog, CatalogError};
 pub use error::Error;
 pub use keys::KeyUsage;
 pub use metering::{LogRetention, Recorder, RecorderConfig, Retention};
@@ -172,7 +176,8 @@ pub fn validate_alias_name(alias: &str) -> Result<()> {
 /// The nimbus state store. Cheap to share behind an `Arc`; all methods take `&self`.
 #[derive(Debug)]
 pub struct Store {
-    conn: Mutex<Connection>,
+    /// Shared with the blocking tasks the async [`Catalog`] impl runs its queries on.
+    conn: Arc<Mutex<Connection>>,
     changes: watch::Sender<u64>,
 }
 
@@ -184,7 +189,7 @@ impl Store {
         migrations::migrate(&mut conn)?;
         let (changes, _) = watch::channel(0);
         Ok(Store {
-            conn: Mutex::new(conn),
+            conn: Arc::new(Mutex::new(conn)),
             changes,
         })
     }
@@ -423,13 +428,7 @@ impl Store {
     /// The version `target` designates, or `None` when the function, alias or version
     /// does not exist.
     pub fn resolve(&self, name: &str, target: &Target) -> Result<Option<VersionRow>> {
-        self.read(|tx| match target {
-            Target::Version(v) => version_tx(tx, name, *v),
-            Target::Alias(alias) => match alias_version(tx, name, alias)? {
-                Some(v) => version_tx(tx, name, v),
-                None => Ok(None),
-            },
-        })
+        self.read(|tx| resolve_tx(tx, name, target))
     }
 
     /// Aliases of `name`, by alias name; empty when the function does not exist.
@@ -624,11 +623,7 @@ impl Store {
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic under the lock cannot leave a transaction half-applied: `Transaction`
-        // rolls back on drop while unwinding, so the connection is still sound.
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_conn(&self.conn)
     }
 
     /// Runs `f` in a write transaction. `f` returns its result and whether it changed
@@ -649,12 +644,27 @@ impl Store {
 
     /// Runs `f` in a read transaction, so multi-statement reads see one snapshot.
     fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        read_on(&self.conn, f)
     }
+}
+
+fn lock_conn(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic under the lock cannot leave a transaction half-applied: `Transaction`
+    // rolls back on drop while unwinding, so the connection is still sound.
+    conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// [`Store::read`] on the shared connection itself, for blocking tasks that cannot
+/// borrow the `Store`.
+pub(crate) fn read_on<T>(
+    conn: &Mutex<Connection>,
+    f: impl FnOnce(&Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    let mut conn = lock_conn(conn);
+    let tx = conn.transaction()?;
+    let out = f(&tx)?;
+    tx.commit()?;
+    Ok(out)
 }
 
 /// A connection to `path` with the durability PRAGMAs set and checked.
@@ -860,12 +870,62 @@ impl RawVersion {
     }
 }
 
-fn version_tx(tx: &Transaction<'_>, name: &str, version: u32) -> Result<Option<VersionRow>> {
+pub(crate) fn version_tx(
+    tx: &Transaction<'_>,
+    name: &str,
+    version: u32,
+) -> Result<Option<VersionRow>> {
     let sql = format!("{VERSION_SELECT} WHERE v.function = ?1 AND v.version = ?2");
     let raw = tx
         .query_row(&sql, params![name, version], RawVersion::from_row)
         .optional()?;
     raw.map(RawVersion::decode).transpose()
+}
+
+pub(crate) fn resolve_tx(
+    tx: &Transaction<'_>,
+    name: &str,
+    target: &Target,
+) -> Result<Option<VersionRow>> {
+    match target {
+        Target::Version(v) => version_tx(tx, name, *v),
+        Target::Alias(alias) => match alias_version(tx, name, alias)? {
+            Some(v) => version_tx(tx, name, v),
+            None => Ok(None),
+        },
+    }
+}
+
+/// Every function with its `live` version and aliased versions, in one snapshot (two
+/// queries, not one per function, so the maintainer's tick stays cheap).
+pub(crate) fn aliased_versions_tx(tx: &Transaction<'_>) -> Result<Vec<AliasedVersions>> {
+    let mut out: Vec<AliasedVersions> = {
+        let mut stmt = tx.prepare(
+            "SELECT f.name,
+               (SELECT a.version FROM aliases a WHERE a.function = f.name AND a.name = ?1)
+             FROM functions f ORDER BY f.name",
+        )?;
+        let rows = stmt.query_map([LIVE_ALIAS], |r| {
+            Ok(AliasedVersions {
+                function: r.get(0)?,
+                live: r.get(1)?,
+                aliased: Vec::new(),
+            })
+        })?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut stmt =
+        tx.prepare("SELECT DISTINCT function, version FROM aliases ORDER BY function, version")?;
+    let pairs = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (function, version) in pairs {
+        // Both lists are sorted by name, and every alias has its function (foreign key).
+        if let Ok(i) = out.binary_search_by(|f| f.function.as_str().cmp(&function)) {
+            out[i].aliased.push(version);
+        }
+    }
+    Ok(out)
 }
 
 fn alias_version(tx: &Transaction<'_>, name: &str, alias: &str) -> Result<Option<u32>> {

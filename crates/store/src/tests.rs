@@ -748,3 +748,110 @@ fn scaling_overrides_apply_to_every_version_until_cleared() {
         Err(Error::NotFound(_))
     ));
 }
+
+/// The SQLite store driven only through `Arc<dyn Catalog>`, as the worker holds it:
+/// resolution by alias and by version, typed not-found answers, the maintainer's
+/// aliased versions, and the change feed.
+#[tokio::test]
+async fn sqlite_store_serves_the_catalog_trait_object() {
+    let f = fixture();
+    let store = Arc::new(f.store);
+    let catalog: Arc<dyn Catalog> = store.clone();
+    let mut feed = catalog.subscribe();
+
+    store
+        .deploy("sha256:aaa", 10, &config("hello", &[]))
+        .expect("deploy 1");
+    let mut cfg = config("hello", &[]);
+    cfg.env.insert("GREETING".into(), "hi".into());
+    store.deploy("sha256:bbb", 11, &cfg).expect("deploy 2");
+    store.set_alias("hello", "beta", 1).expect("alias beta");
+    store
+        .deploy("sha256:ccc", 12, &config("other", &[]))
+        .expect("deploy other");
+    assert!(feed.has_changed().expect("alive"), "deploys tick the feed");
+    feed.mark_unchanged();
+
+    let live = catalog
+        .resolve("hello", &Target::Alias(LIVE_ALIAS.into()))
+        .await
+        .expect("resolve live");
+    assert_eq!((live.version, live.digest.as_str()), (2, "sha256:bbb"));
+    let beta = catalog
+        .resolve("hello", &Target::Alias("beta".into()))
+        .await
+        .expect("resolve beta");
+    assert_eq!(beta.version, 1);
+    let v1 = catalog
+        .resolve("hello", &Target::Version(1))
+        .await
+        .expect("resolve version 1");
+    assert_eq!((v1.version, v1.digest.as_str()), (1, "sha256:aaa"));
+
+    let missing = [
+        (
+            "nope",
+            Target::Alias(LIVE_ALIAS.into()),
+            "function `nope` not found",
+        ),
+        (
+            "hello",
+            Target::Alias("gamma".into()),
+            "alias `gamma` of function `hello` not found",
+        ),
+        (
+            "hello",
+            Target::Version(9),
+            "version 9 of function `hello` not found",
+        ),
+    ];
+    for (function, target, message) in missing {
+        let err = catalog
+            .resolve(function, &target)
+            .await
+            .expect_err("missing target");
+        assert!(
+            matches!(&err, CatalogError::NotFound { function: name, target: t } if name == function && *t == target),
+            "{err:?}"
+        );
+        assert!(err.is_not_found());
+        assert_eq!(err.to_string(), message);
+    }
+
+    let got = catalog.version("hello", 2).await.expect("version 2");
+    assert_eq!(got.map(|v| v.version), Some(2));
+    assert!(catalog.version("hello", 9).await.expect("read").is_none());
+
+    let aliased = catalog.aliased_versions().await.expect("aliased versions");
+    assert_eq!(
+        aliased,
+        vec![
+            AliasedVersions {
+                function: "hello".into(),
+                live: Some(2),
+                aliased: vec![1, 2],
+            },
+            AliasedVersions {
+                function: "other".into(),
+                live: Some(1),
+                aliased: vec![1],
+            },
+        ]
+    );
+
+    // A change made elsewhere (the control plane's writes) wakes the catalog's feed.
+    let writer = Arc::clone(&store);
+    let task =
+        tokio::task::spawn_blocking(move || writer.set_scaling("hello", Some(1), None, false));
+    tokio::time::timeout(std::time::Duration::from_secs(10), feed.changed())
+        .await
+        .expect("woken in time")
+        .expect("sender alive");
+    task.await.expect("join").expect("set scaling");
+    let scaled = catalog
+        .version("hello", 2)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(scaled.config.concurrency.min_instances, 1);
+}

@@ -7,7 +7,9 @@
 //! Implements [`nimbus_core::Invoker`]; nothing above it knows instances exist.
 //!
 //! Must not touch: HTTP, routing or auth (gateway, control), or Linux isolation details
-//! (sandbox). It reads the store only to resolve a function's alias to a version.
+//! (sandbox). It reads storage only through [`nimbus_store::Catalog`] (resolving a
+//! function's alias to a version, and the aliased versions the maintainer keeps), so
+//! it does not know which backend answers.
 #![forbid(unsafe_code)]
 
 mod control;
@@ -33,7 +35,7 @@ use nimbus_core::{
     InstanceInfo, InvokeError, InvokeOutcome, InvokeRequest, InvokeStatus, Invoker, Target,
 };
 use nimbus_sandbox::Host;
-use nimbus_store::Store;
+use nimbus_store::Catalog;
 
 use crate::instance::{Live, RunError};
 use crate::pool::{Pool, State};
@@ -89,7 +91,7 @@ type ResolveCache = HashMap<(String, Target), Arc<Pool>>;
 struct Inner {
     cfg: WorkerConfig,
     runtimes: RuntimeFiles,
-    store: Arc<Store>,
+    catalog: Arc<dyn Catalog>,
     artifacts: Arc<ArtifactStore>,
     host: Arc<Host>,
     pools: Mutex<HashMap<(String, u32), Arc<Pool>>>,
@@ -108,7 +110,7 @@ struct Inner {
 impl Worker {
     pub fn new(
         cfg: WorkerConfig,
-        store: Arc<Store>,
+        catalog: Arc<dyn Catalog>,
         artifacts: Arc<ArtifactStore>,
         host: Arc<Host>,
         records: Arc<dyn nimbus_core::RecordSink>,
@@ -119,14 +121,14 @@ impl Worker {
                 path: cfg.runtime_dir.clone(),
                 source,
             })?;
-        let changes = store.subscribe();
+        let changes = catalog.subscribe();
         let cfg_interpreters = cfg.interpreters.clone();
         let uid_base = cfg.uid_base;
         Ok(Worker {
             inner: Arc::new(Inner {
                 cfg,
                 runtimes,
-                store,
+                catalog,
                 artifacts,
                 host,
                 pools: Mutex::new(HashMap::new()),
@@ -395,19 +397,13 @@ impl Inner {
                 return Ok(Arc::clone(p));
             }
         }
-        let store = Arc::clone(&self.store);
-        let (f, t) = key.clone();
-        let row = tokio::task::spawn_blocking(move || store.resolve(&f, &t))
-            .await
-            .map_err(|e| InvokeError::Internal(e.to_string()))?
-            .map_err(|e| InvokeError::Internal(e.to_string()))?;
-        let Some(row) = row else {
-            return Err(InvokeError::NotFound(match target {
-                Target::Alias(a) if a == "live" => format!("function `{function}` not found"),
-                Target::Alias(a) => format!("alias `{a}` of function `{function}` not found"),
-                Target::Version(v) => format!("version {v} of function `{function}` not found"),
-            }));
-        };
+        let row = self.catalog.resolve(function, target).await.map_err(|e| {
+            if e.is_not_found() {
+                InvokeError::NotFound(e.to_string())
+            } else {
+                InvokeError::Internal(e.to_string())
+            }
+        })?;
         let pool = self.pool_of(row).await?;
         let mut cache = lock(&self.resolved);
         if cache.0 != generation {

@@ -16,7 +16,7 @@ use crate::{Inner, lock};
 const TICK: Duration = Duration::from_millis(500);
 
 pub(crate) async fn run(inner: Arc<Inner>) {
-    let mut changes = inner.store.subscribe();
+    let mut changes = inner.catalog.subscribe();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -71,33 +71,23 @@ struct Aliased {
 }
 
 async fn live_versions(inner: &Arc<Inner>) -> Option<BTreeMap<String, Aliased>> {
-    let store = Arc::clone(&inner.store);
-    let got = tokio::task::spawn_blocking(move || -> Result<_, nimbus_store::Error> {
-        let mut out = BTreeMap::new();
-        for f in store.list_functions()? {
-            let all = store
-                .list_aliases(&f.name)?
+    match inner.catalog.aliased_versions().await {
+        Ok(functions) => Some(
+            functions
                 .into_iter()
-                .map(|a| a.version)
-                .collect();
-            out.insert(
-                f.name,
-                Aliased {
-                    live: f.live_version,
-                    all,
-                },
-            );
-        }
-        Ok(out)
-    })
-    .await;
-    match got {
-        Ok(Ok(m)) => Some(m),
-        Ok(Err(e)) => {
+                .map(|f| {
+                    let aliased = Aliased {
+                        live: f.live,
+                        all: f.aliased.into_iter().collect(),
+                    };
+                    (f.function, aliased)
+                })
+                .collect(),
+        ),
+        Err(e) => {
             tracing::warn!(error = %e, "pool maintainer: read functions");
             None
         }
-        Err(_) => None,
     }
 }
 
@@ -139,12 +129,11 @@ async fn drain_stale(inner: &Arc<Inner>, live: &BTreeMap<String, Aliased>) {
 }
 
 async fn config_changed(inner: &Arc<Inner>, pool: &Arc<Pool>) -> bool {
-    let store = Arc::clone(&inner.store);
-    let (f, v) = (pool.function.clone(), pool.version);
-    match tokio::task::spawn_blocking(move || store.get_version(&f, v)).await {
-        Ok(Ok(Some(row))) => row.config != pool.config,
-        Ok(Ok(None)) => true,
-        _ => false,
+    match inner.catalog.version(&pool.function, pool.version).await {
+        Ok(Some(row)) => row.config != pool.config,
+        Ok(None) => true,
+        // Unknown is not stale: a pool is only drained on evidence.
+        Err(_) => false,
     }
 }
 
