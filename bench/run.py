@@ -204,9 +204,20 @@ def cgroup_dirs(parent):
                 own_path = own_path[len(root):] if own_path.startswith(root) else ""
             nested = os.path.join(mount_point, *[c for c in own_path.split("/") if c not in ("", ".", "..")])
             for d in dict.fromkeys((os.path.join(nested, parent), os.path.join(mount_point, parent))):
-                if os.path.isdir(d):
+                for d in server_dirs(d):
                     out.append((d, usage if usage and os.path.isfile(os.path.join(d, usage)) else None))
     return out
+
+
+def server_dirs(pdir):
+    """A server keeps its instances in a cgroup of its own below the parent, named `d`
+    and 16 hex digits of its data dir's hash; this run's parent holds only our server."""
+    if not os.path.isdir(pdir):
+        return []
+    own = [os.path.join(pdir, n) for n in sorted(os.listdir(pdir))
+           if len(n) == 17 and n[0] == "d" and all(c in "0123456789abcdef" for c in n[1:])
+           and os.path.isdir(os.path.join(pdir, n))]
+    return own or [pdir]
 
 
 def cgroup_parent_dir(parent):
