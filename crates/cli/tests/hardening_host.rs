@@ -9,21 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// The ids of `function`'s instances, sorted.
-fn instance_ids(s: &Server, function: &str) -> Vec<String> {
-    let mut ids: Vec<String> = s
-        .json(&["instances", function])
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|i| i["id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort();
-    ids
-}
-
 /// Invokes `hello` and returns (coldStart, result message).
 fn hello(s: &Server, name: &str) -> (Value, String) {
     let r = s.json(&[

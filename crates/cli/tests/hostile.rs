@@ -1088,15 +1088,7 @@ fn stem_cells_are_as_isolated_as_fresh_instances() {
     let (status, env) = invoke(&s, "hostile-py", &json!({"mode": "whoami"}));
     assert_eq!(status, 200, "{env}");
     assert_eq!(env["coldStart"], true);
-    let ids: Vec<String> = s
-        .json(&["instances", "hostile-py"])
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|i| i["id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let ids = instance_ids(&s, "hostile-py");
     assert!(
         ids.iter().any(|i| i.starts_with("stem-")),
         "served by a stem cell: {ids:?}"

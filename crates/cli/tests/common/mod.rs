@@ -390,13 +390,9 @@ pub fn invoke(s: &Server, function: &str, event: &serde_json::Value) -> (u16, se
     (status, v)
 }
 
-/// Host pids of every process in an instance cgroup of `function` under this server.
-/// Instance ids come from the platform (a stem cell keeps its `stem-...` id after it is
-/// given a function); fresh instances are also found by their name
-/// (`<function>-...`) after the platform has forgotten them, which is what leftover
-/// checks look for. Instances live in the server's own cgroup below its parent.
-pub fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
-    let ids: Vec<String> = s
+/// The ids of `function`'s live instances, sorted, as `nimbus instances` lists them.
+pub fn instance_ids(s: &Server, function: &str) -> Vec<String> {
+    let mut ids: Vec<String> = s
         .json(&["instances", function])
         .as_array()
         .map(|l| {
@@ -405,6 +401,17 @@ pub fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// Host pids of every process in an instance cgroup of `function` under this server.
+/// Instance ids come from the platform (a stem cell keeps its `stem-...` id after it is
+/// given a function); fresh instances are also found by their name
+/// (`<function>-...`) after the platform has forgotten them, which is what leftover
+/// checks look for. Instances live in the server's own cgroup below its parent.
+pub fn instance_pids(s: &Server, function: &str) -> Vec<u32> {
+    let ids = instance_ids(s, function);
     let mut needles: Vec<String> = ids.iter().map(|id| format!("/{id}\n")).collect();
     needles.push(format!("/{function}-"));
     let parent = format!("/{}/", s.cgroup_parent);
