@@ -110,23 +110,12 @@ const SHOWN_NAME_CHARS: usize = 100;
 /// the name is), and cut after [`SHOWN_NAME_CHARS`] characters with the full length said.
 fn display_name(name: &[u8]) -> String {
     let text = String::from_utf8_lossy(name);
-    let mut out = String::new();
-    for (i, c) in text.chars().enumerate() {
-        if i == SHOWN_NAME_CHARS {
-            out.push_str(&format!("... ({} bytes)", name.len()));
-            break;
-        }
-        if c.is_control() || is_invisible(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
+    let shown: String = text.chars().take(SHOWN_NAME_CHARS).collect();
+    let mut out = nimbus_core::text::escape(&shown, nimbus_core::text::Keep::Nothing).into_owned();
+    if text.chars().nth(SHOWN_NAME_CHARS).is_some() {
+        out.push_str(&format!("... ({} bytes)", name.len()));
     }
     out
-}
-
-fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 fn unpack_into(archive: impl Read, dest: &Path, limits: &Limits) -> Result<UnpackStats, Error> {

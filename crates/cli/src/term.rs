@@ -8,55 +8,10 @@
 //! server's tracing formatter (every field and message, text and JSON), and the CLI's
 //! printer ([`outln!`], [`errln!`], [`print_log`]), which `--raw` turns off.
 
-use std::borrow::Cow;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Which harmless layout characters to let through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
-    /// Escape every control character: for one value on one line.
-    Nothing,
-    /// Let `\n` and `\t` through: for log bodies and whole blocks of output.
-    LineBreaks,
-}
-
-/// `s` with control characters (C0, DEL, C1) and bidirectional overrides written as
-/// visible escapes (`\x1b`, `\r`, `\u{202e}`). Borrowed when nothing needs escaping.
-pub fn escape(s: &str, keep: Keep) -> Cow<'_, str> {
-    let hidden = |c: char| needs_escape(c, keep);
-    if !s.contains(hidden) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 16);
-    for c in s.chars() {
-        if !hidden(c) {
-            out.push(c);
-            continue;
-        }
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x100 => out.push_str(&format!("\\x{:02x}", u32::from(c))),
-            c => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
-        }
-    }
-    Cow::Owned(out)
-}
-
-fn needs_escape(c: char, keep: Keep) -> bool {
-    match c {
-        '\n' | '\t' => keep == Keep::Nothing,
-        // Reorder how a line reads without being control characters (Trojan Source).
-        '\u{061c}'
-        | '\u{200e}'
-        | '\u{200f}'
-        | '\u{202a}'..='\u{202e}'
-        | '\u{2066}'..='\u{2069}' => true,
-        c => c.is_control(),
-    }
-}
+pub use nimbus_core::text::{Keep, escape};
 
 /// A `MakeWriter` for the server's tracing formatter: each event (one write of one
 /// formatted line) goes out with every control character escaped but its final

@@ -306,8 +306,7 @@ fn an_archive_entry_name_cannot_forge_a_line_of_the_server_log() {
     );
     assert!(!log.contains('\x1b'), "a raw escape in the log:\n{log:?}");
     assert!(
-        // The extractor names the entry in Rust's escaped form, and the log keeps it so.
-        log.contains(r"\u{a}ERROR nimbus_control: FORGED line\u{1b}[31m"),
+        log.contains(r"\nERROR nimbus_control: FORGED line\x1b[31m"),
         "the name is not shown escaped:\n{log}"
     );
 }

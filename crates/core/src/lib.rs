@@ -27,6 +27,7 @@ pub mod route_options;
 pub mod routes;
 pub mod storage;
 pub mod subscription;
+pub mod text;
 
 pub use invoke::{
     FunctionError, InstanceInfo, InvocationRecord, InvokeError, InvokeOutcome, InvokeRequest,
