@@ -8,6 +8,7 @@
 //! server's tracing formatter (every field and message, text and JSON), and the CLI's
 //! printer ([`outln!`], [`errln!`], [`print_log`]), which `--raw` turns off.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
